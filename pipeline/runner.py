@@ -1,0 +1,421 @@
+"""The tiled run: background pass, per-tile stages, seam stitching, catalog assembly.
+
+Passes (each a set of independent Dask tasks, one per tile; workers read their own windows):
+
+0. background: every tile measures the background meshes whose origin lies in its core; the client
+   assembles, filters and interpolates them into one global model (``background.BackgroundModel``).
+1. tiles: each tile runs the stages on its window, keeps the objects whose centroid lies in its core
+   (ids ``tile.index * ID_STRIDE + k``), writes the core of every map, and writes its catalog part.
+   Pixels of its core that belong to objects owned by a neighbour get a provisional negative label.
+2. stitching: provisional labels are linked to their owners' ids by reading the owners' chunks at a
+   few footprint pixels (read-only sub-pass), then each tile rewrites only its own chunk.
+3. catalogs: the client concatenates the parts (tile order) into ``catalogs/<stage>/<column>``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import logging
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import store as st
+from .background import BackgroundModel, mesh_grid_shape, measure_meshes
+from .errors import ConfigError, StoreError
+from .tiling import ID_STRIDE, TileGrid
+
+log = logging.getLogger("deepmosaic")
+
+N_SEAM_SAMPLES = 32
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("deepmosaic")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def package_versions() -> dict:
+    out = {}
+    for p in ("numpy", "scipy", "astropy", "sep", "zarr", "dask", "distributed", "photutils", "torch", "galsim"):
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        for root, dirs, files in sorted(os.walk(path)):
+            dirs.sort()
+            for f in sorted(files):
+                p = os.path.join(root, f)
+                h.update(os.path.relpath(p, path).encode())
+                with open(p, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 22), b""):
+                        h.update(block)
+        return h.hexdigest()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- pass 0
+
+def _mesh_block(tile, back_size: int, shape):
+    """Mesh index range ``(j0, j1, i0, i1)`` owned by ``tile`` (meshes whose origin is in its core)."""
+    y0, y1, x0, x1 = tile.core
+    nmy, nmx = mesh_grid_shape(shape, back_size)
+    j0, j1 = math.ceil(y0 / back_size), min(math.ceil(y1 / back_size), nmy)
+    i0, i1 = math.ceil(x0 / back_size), min(math.ceil(x1 / back_size), nmx)
+    return j0, j1, i0, i1
+
+
+def background_tile(source, tile, back_size: int, shape):
+    """Measure the background meshes owned by ``tile`` (worker side: reads its own pixels)."""
+    j0, j1, i0, i1 = _mesh_block(tile, back_size, shape)
+    if j1 <= j0 or i1 <= i0:
+        return (j0, i0, np.zeros((0, 0)), np.zeros((0, 0)))
+    window = (j0 * back_size, min(j1 * back_size, shape[0]), i0 * back_size, min(i1 * back_size, shape[1]))
+    image, mask, _ = source.read_window(window)
+    back, rms = measure_meshes(image, mask, back_size)
+    return (j0, i0, back, rms)
+
+
+def compute_background(ex, source, grid: TileGrid, back_size, filter_size, filter_thresh) -> BackgroundModel:
+    nmy, nmx = mesh_grid_shape(grid.shape, back_size)
+    back = np.full((nmy, nmx), np.nan)
+    rms = np.full((nmy, nmx), np.nan)
+    tiles = list(grid)
+    bar = _progress(len(tiles), "background")
+    for _, (j0, i0, b, r) in ex.map_unordered(background_tile, [(source, t, back_size, grid.shape) for t in tiles]):
+        back[j0:j0 + b.shape[0], i0:i0 + b.shape[1]] = b
+        rms[j0:j0 + r.shape[0], i0:i0 + r.shape[1]] = r
+        bar.update()
+    bar.close()
+    return BackgroundModel.from_meshes(back, rms, back_size, filter_size, filter_thresh)
+
+
+# ----------------------------------------------------------------------------------------------- pass 1
+
+def _pipeline_flags(labels, n, mask, tile, grid):
+    """Pipeline flag bits per row (label 1..n) from a window label map."""
+    from deepmosaic.tasks.base import FLAG_MASKED, FLAG_MOSAIC_EDGE, FLAG_TILE_TRUNCATED
+    flags = np.zeros(n + 1, np.int64)
+    if n == 0:
+        return flags[1:]
+    masked = np.bincount(labels[mask].ravel(), minlength=n + 1)[: n + 1] > 0
+    flags[masked] |= FLAG_MASKED
+    wy0, wy1, wx0, wx1 = tile.window
+    edges = {
+        "top": (labels[0, :], wy0 == 0), "bottom": (labels[-1, :], wy1 == grid.shape[0]),
+        "left": (labels[:, 0], wx0 == 0), "right": (labels[:, -1], wx1 == grid.shape[1]),
+    }
+    for _, (line, is_mosaic_edge) in edges.items():
+        ids = np.unique(line[line > 0])
+        flags[ids] |= FLAG_MOSAIC_EDGE if is_mosaic_edge else FLAG_TILE_TRUNCATED
+    flags[0] = 0
+    return flags[1:]
+
+
+def _seam_samples(labels, rows_foreign, cx, cy, tile):
+    """For each foreign row: up to N_SEAM_SAMPLES footprint pixels outside the core, nearest its centroid."""
+    cys, cxs = tile.core_in_window
+    oy, ox = tile.origin
+    out_ys, out_xs, ptr = [], [], [0]
+    outside = np.ones(labels.shape, bool)
+    outside[cys, cxs] = False
+    for r in rows_foreign:
+        yy, xx = np.nonzero((labels == r + 1) & outside)
+        if len(yy) > N_SEAM_SAMPLES:
+            d = (yy - (cy[r] - oy)) ** 2 + (xx - (cx[r] - ox)) ** 2
+            keep = np.argsort(d, kind="stable")[:N_SEAM_SAMPLES]
+            yy, xx = yy[keep], xx[keep]
+        out_ys.append(yy + oy)
+        out_xs.append(xx + ox)
+        ptr.append(ptr[-1] + len(yy))
+    cat = (lambda v: np.concatenate(v).astype(np.int64) if v else np.zeros(0, np.int64))
+    return cat(out_ys), cat(out_xs), np.asarray(ptr, np.int64)
+
+
+def _finish_stage(task, out, tile, grid, mask, wcs, store_path, part):
+    """Ownership, global ids, mosaic coordinates, flags, ra/dec; write core maps; fill ``part``."""
+    from deepmosaic.tasks.base import FLAG_MOSAIC_EDGE
+    cat = {k: np.asarray(v) for k, v in out.catalog.items()}
+    n = len(cat.get("x", []))
+    oy, ox = tile.origin
+    x = cat["x"].astype(np.float64) + ox if n else np.zeros(0)
+    y = cat["y"].astype(np.float64) + oy if n else np.zeros(0)
+    owned = tile.owns(y, x) if n else np.zeros(0, bool)
+    ids = np.zeros(n, np.int64)
+    n_owned = int(owned.sum())
+    if n_owned >= ID_STRIDE:
+        raise RuntimeError(f"tile {tile.row},{tile.col}: {n_owned} objects exceed the id range; use a smaller --tile")
+    ids[owned] = tile.index * ID_STRIDE + np.arange(1, n_owned + 1)
+    flags = cat["flags"].astype(np.int64) if "flags" in cat else np.zeros(n, np.int64)
+    cys, cxs = tile.core_in_window
+    n_foreign = 0
+    for name, spec in task.maps.items():
+        arr = out.maps[name]
+        if spec.kind == "label":
+            lab = arr.astype(np.int64)
+            if name == "segmentation":
+                flags |= _pipeline_flags(lab, n, mask, tile, grid)
+            core = lab[cys, cxs]
+            present = np.unique(core[core > 0]) - 1
+            foreign = present[~owned[present]] if n else present
+            lut = np.zeros(n + 1, np.int64)
+            lut[1:] = ids
+            lut[foreign + 1] = -(np.arange(1, len(foreign) + 1))
+            st.write_core(store_path, task.name, name, tile, lut[core])
+            fy, fx, fptr = _seam_samples(lab, foreign, x, y, tile)
+            part[f"{task.name}/_seam/{name}/ys"] = fy
+            part[f"{task.name}/_seam/{name}/xs"] = fx
+            part[f"{task.name}/_seam/{name}/ptr"] = fptr
+            n_foreign += len(foreign)
+        else:
+            st.write_core(store_path, task.name, name, tile, arr[cys, cxs].astype(spec.dtype))
+    # objects near the mosaic edge without a footprint map: flag by centroid distance
+    if not any(s.kind == "label" for s in task.maps.values()) and n:
+        near = (x < 2) | (y < 2) | (x > grid.shape[1] - 3) | (y > grid.shape[0] - 3)
+        flags[near] |= FLAG_MOSAIC_EDGE
+    cols = {"id": ids[owned], "x": x[owned], "y": y[owned]}
+    for k, v in cat.items():
+        if k in ("x", "y", "flags"):
+            continue
+        cols[k] = v[owned]
+    cols["flags"] = flags[owned]
+    cols["tile_row"] = np.full(n_owned, tile.row, np.int32)
+    cols["tile_col"] = np.full(n_owned, tile.col, np.int32)
+    if wcs is not None and n_owned:
+        ra, dec = wcs.all_pix2world(cols["x"], cols["y"], 0)  # 0-based pixel origin
+        cols["ra"], cols["dec"] = np.asarray(ra, np.float64), np.asarray(dec, np.float64)
+    else:
+        cols["ra"] = np.full(n_owned, np.nan)
+        cols["dec"] = np.full(n_owned, np.nan)
+    for k, v in cols.items():
+        part[f"{task.name}/{k}"] = np.asarray(v)
+    return n_owned, n_foreign
+
+
+def process_tile(store_path, mosaic, tasks, background, grid, tile):
+    """Run every stage on one tile (worker side). Returns a small summary dict, never pixels."""
+    from deepmosaic.tasks.base import TileInput
+    t0 = time.perf_counter()
+    try:
+        source = mosaic.detection
+        image, mask, variance = source.read_window(tile.window)
+        part = {}
+        if mask.all():
+            for task in tasks:
+                empty = task.empty_output(image.shape)
+                _finish_stage(task, empty, tile, grid, mask, None, store_path, part)
+            st.write_part(store_path, tile.index, part)
+            return {"tile": tile.index, "status": st.STATUS_NO_WORK, "n": {}, "seconds": time.perf_counter() - t0}
+        back, rms = background.evaluate(tile.window)
+        wy0, wy1, wx0, wx1 = tile.window
+        ti = TileInput(image=image, background=back, rms=rms, global_rms=background.global_rms, mask=mask,
+                       variance=variance, origin=tile.origin, core=tile.core_in_window,
+                       at_mosaic_edge=(wy0 == 0, wy1 == grid.shape[0], wx0 == 0, wx1 == grid.shape[1]))
+        wcs = source.wcs()
+        counts, notes = {}, []
+        for task in tasks:
+            out = task.run(ti)
+            ti.upstream[task.name] = out
+            counts[task.name] = _finish_stage(task, out, tile, grid, mask, wcs, store_path, part)
+            notes += [f"{task.name}: {m}" for m in out.notes]
+        st.write_part(store_path, tile.index, part)
+        return {"tile": tile.index, "status": st.STATUS_DONE, "n": counts, "notes": notes,
+                "seconds": time.perf_counter() - t0}
+    except Exception as e:
+        return {"tile": tile.index, "status": st.STATUS_FAILED, "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(), "seconds": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------------------------- pass 2
+
+def resolve_seams(store_path, stage, name, tile_index):
+    """Owner ids of a tile's provisional (negative) labels, read from the owners' chunks (read-only)."""
+    part = st.read_part(store_path, tile_index)
+    ys = part[f"{stage}/_seam/{name}/ys"]
+    xs = part[f"{stage}/_seam/{name}/xs"]
+    ptr = part[f"{stage}/_seam/{name}/ptr"]
+    n = len(ptr) - 1
+    mapping = np.zeros(n, np.int64)
+    if n == 0:
+        return tile_index, mapping
+    vals = st.read_map_pixels(store_path, stage, name, ys, xs)
+    for k in range(n):
+        v = vals[ptr[k]:ptr[k + 1]]
+        v = v[v > 0]
+        if len(v):
+            u, c = np.unique(v, return_counts=True)
+            mapping[k] = u[np.argmax(c)]
+    return tile_index, mapping
+
+
+def relabel_tile(store_path, stage, name, tile, mapping):
+    """Replace provisional labels ``-k`` in the tile's own chunk by ``mapping[k-1]`` (0 if unresolved)."""
+    core = st.read_core(store_path, stage, name, tile)
+    neg = core < 0
+    if neg.any():
+        core[neg] = mapping[-core[neg] - 1]
+        st.write_core(store_path, stage, name, tile, core)
+    return tile.index, int((mapping == 0).sum())
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+def _progress(total, label):
+    from .execute import Progress
+    return Progress(total, label)
+
+
+@dataclass
+class RunResult:
+    store: str
+    n_objects: dict
+    tiles: dict
+    failures: list
+    seconds: float
+    recomputed_tiles: int
+
+
+def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=False, overwrite=False,
+                 background_settings=None, run_config=None, quiet=False) -> RunResult:
+    """Run ``tasks`` over ``mosaic`` into the store ``out`` (see ``deepmosaic.workflows.run`` for the API)."""
+    t_start = time.perf_counter()
+    halo = max([t.halo for t in tasks] + [0])
+    grid = TileGrid(mosaic.shape, tile_size, halo)
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--stages={','.join(names)}: a stage is listed twice; list each once.")
+    bs = background_settings or {"back_size": 64, "filter_size": 3, "filter_thresh": 0.0}
+    resolved = {"stages": {t.name: t.fingerprint() for t in tasks}, "tile": list(grid.core), "halo": halo,
+                "background": bs, **(run_config or {})}
+    inputs = [{"path": b.path, "sha256": file_sha256(b.path), "shape": list(b.shape), "dtype": b.dtype,
+               "hdu": b.hdu, "plane": b.plane, "band": b.band, "wcs_header": b.header} for b in mosaic.bands]
+
+    if os.path.exists(out):
+        if overwrite:
+            st.remove_store(out)
+        elif resume:
+            meta = dict(st.open_store(out).attrs.get("deepmosaic", {}))
+            old_cfg, old_inputs = meta.get("config"), [i.get("sha256") for i in meta.get("inputs", [])]
+            if st._json_safe(resolved) != old_cfg or old_inputs != [i["sha256"] for i in inputs]:
+                raise StoreError(f"{out}: --resume refused: the store was made from a different input or "
+                                 f"configuration. Use --overwrite to start again, or another --out.")
+        else:
+            raise StoreError(f"{out} already exists. Use --resume to finish it, --overwrite to replace it, "
+                             f"or choose another --out.")
+    fresh = not os.path.exists(out)
+    if fresh:
+        attrs = {"version": _version(), "created": _now(), "finished": None, "config": resolved,
+                 "inputs": inputs, "packages": package_versions(), "bands": [b.band for b in mosaic.bands]}
+        st.create_store(out, grid, {t.name: dict(t.maps) for t in tasks}, attrs)
+
+    ex = executor
+    background = st.read_background(out)
+    if background is None:
+        background = compute_background(ex, mosaic.detection, grid, bs["back_size"], bs["filter_size"],
+                                        bs["filter_thresh"])
+        st.write_background(out, background)
+
+    status = st.get_status(out)
+    todo = [t for t in grid if status[t.row, t.col] in (st.STATUS_PENDING, st.STATUS_FAILED)]
+    failures = []
+    bar = _progress(len(todo), "tiles")
+    args = [(out, mosaic, tuple(tasks), background, grid, t) for t in todo]
+    resources = {}
+    for t in tasks:
+        resources.update(t.resources)
+    for i, res in ex.map_unordered(process_tile, args, resources=None):
+        t = todo[i]
+        st.set_status(out, "status", t.row, t.col, res["status"])
+        if res["status"] == st.STATUS_FAILED:
+            failures.append({"tile": [t.row, t.col], "error": res["error"]})
+            log.warning("tile %d,%d failed: %s", t.row, t.col, res["error"])
+            log.debug(res.get("traceback", ""))
+        bar.update()
+    bar.close()
+
+    # pass 2: link seam labels to their owners, for every label map
+    status = st.get_status(out)
+    stitched = st.get_status(out, "stitched")
+    ready = [t for t in grid if status[t.row, t.col] in (st.STATUS_DONE, st.STATUS_NO_WORK)
+             and not stitched[t.row, t.col]]
+    unresolved = 0
+    label_maps = [(t.name, n) for t in tasks for n, s in t.maps.items() if s.kind == "label"]
+    if ready and not failures:
+        for stage, name in label_maps:
+            maps = {idx: m for _, (idx, m) in
+                    ex.map_unordered(resolve_seams, [(out, stage, name, t.index) for t in ready])}
+            jobs = [(out, stage, name, t, maps[t.index]) for t in ready if len(maps[t.index])]
+            for _, (_, n_unres) in ex.map_unordered(relabel_tile, jobs):
+                unresolved += n_unres
+        for t in ready:
+            st.set_status(out, "stitched", t.row, t.col, 1)
+
+    # pass 3: catalogs
+    n_objects = {}
+    status = st.get_status(out)
+    if not failures and (status != st.STATUS_PENDING).all():
+        for task in tasks:
+            parts = [st.read_part(out, t.index) for t in grid]
+            cols = _concat_parts(task, parts)
+            schema = {**task.columns, **_PIPELINE_COLUMNS}
+            st.write_catalog(out, task.name, cols, schema)
+            n_objects[task.name] = int(len(cols["id"]))
+        st.clear_work(out)
+        st.update_attrs(out, finished=_now(), n_objects=n_objects, seam_unresolved=unresolved)
+    counts = {st.STATUS_NAMES[k]: int((status == k).sum()) for k in st.STATUS_NAMES}
+    st.update_attrs(out, tiles=counts, failures=failures)
+    return RunResult(store=out, n_objects=n_objects, tiles=counts, failures=failures,
+                     seconds=time.perf_counter() - t_start, recomputed_tiles=len(todo))
+
+
+from deepmosaic.tasks.base import Column as _Column  # noqa: E402
+
+_PIPELINE_COLUMNS = {
+    "id": _Column("i8", "", "object id, unique in the store; equals its pixels' value in the stage's label maps"),
+    "tile_row": _Column("i4", "", "row of the tile whose core owns the object"),
+    "tile_col": _Column("i4", "", "column of the tile whose core owns the object"),
+    "ra": _Column("f8", "deg", "right ascension (ICRS) from the input WCS; NaN without one"),
+    "dec": _Column("f8", "deg", "declination (ICRS) from the input WCS; NaN without one"),
+}
+
+
+def _concat_parts(task, parts):
+    keys = None
+    chunks: dict[str, list] = {}
+    for p in parts:
+        if p is None:
+            continue
+        mine = [k for k in p if k.startswith(task.name + "/") and "/_seam/" not in k]
+        for k in mine:
+            chunks.setdefault(k.split("/", 1)[1], []).append(p[k])
+        keys = keys or [k.split("/", 1)[1] for k in mine]
+    order = ["id", "x", "y"] + [c for c in task.columns if c not in ("x", "y", "flags")] + \
+        ["flags", "tile_row", "tile_col", "ra", "dec"]
+    out = {}
+    for c in order:
+        if c in chunks:
+            out[c] = np.concatenate(chunks[c])
+        else:
+            dt = (task.columns.get(c) or _PIPELINE_COLUMNS.get(c)).dtype
+            out[c] = np.zeros(0, dtype=dt)
+    return out
+
+
+def _now():
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,37 @@
+"""deepmosaic.tasks: configurable algorithms sharing one interface (``Task.run(TileInput) -> TaskOutput``).
+
+``STAGES`` maps stage names to task classes; ``get_task(name)`` refuses unknown names listing the valid ones.
+"""
+from __future__ import annotations
+
+from deepmosaic.pipeline.errors import ConfigError
+
+from .base import Task, TaskOutput, TileInput
+from .sep_task import SepTask
+
+STAGES: dict[str, type[Task]] = {"sep": SepTask}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Register a stage class under its ``name``."""
+    STAGES[cls.name] = cls
+    return cls
+
+
+def _load_optional():
+    # Stages that need heavier imports register themselves when their module imports cleanly.
+    try:
+        from .photutils_task import PhotutilsTask
+        STAGES.setdefault("photutils", PhotutilsTask)
+    except ImportError:
+        pass
+
+
+def get_task_class(name: str) -> type[Task]:
+    _load_optional()
+    if name not in STAGES:
+        raise ConfigError(f"--stages: unknown stage {name!r}. Valid stages: {', '.join(sorted(STAGES))}.")
+    return STAGES[name]
+
+
+__all__ = ["Task", "TaskOutput", "TileInput", "STAGES", "get_task_class", "register"]
