@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Any, Mapping
 
@@ -65,6 +66,8 @@ def _coerce(where: str, name: str, value: Any, type_: Any) -> Any:
             f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}.{name}={value!r}: expected an integer.") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{where}.{name}={value!r}: expected an integer, not {f}.")
         if f != int(f):
             raise ConfigError(f"{where}.{name}={value!r}: expected an integer, not a fraction.")
         return int(f)

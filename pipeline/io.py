@@ -39,6 +39,17 @@ def _open_zarr(path: str, mtime: float):
     return zarr.open_array(path, mode="r")
 
 
+def _physical(header, raw: np.ndarray) -> np.ndarray:
+    """Apply BSCALE/BZERO of a mask/variance HDU (files are opened with scaling off): e.g. an unsigned
+    16-bit mask is stored as int16 with BZERO=32768, whose raw zero would otherwise read as -32768."""
+    bscale, bzero = header.get("BSCALE", 1), header.get("BZERO", 0)
+    if bscale == 1 and bzero == 0:
+        return raw
+    if raw.dtype.kind in "iu" and bscale == 1 and float(bzero).is_integer():
+        return raw.astype(np.int64) + int(bzero)
+    return raw.astype(np.float64) * bscale + bzero
+
+
 def _find_hdu(hdul, path: str, hdu, role: str):
     try:
         return hdul[hdu]
@@ -95,9 +106,11 @@ class MosaicSource:
             img = h.section[(self.plane,) + sl] if self.plane is not None else h.section[sl]
             var = msk = None
             if self.variance_hdu is not None:
-                var = np.asarray(hdul[self.variance_hdu].section[sl], dtype=np.float32)
+                hv = hdul[self.variance_hdu]
+                var = np.asarray(_physical(hv.header, np.asarray(hv.section[sl])), dtype=np.float32)
             if self.mask_hdu is not None:
-                msk = np.asarray(hdul[self.mask_hdu].section[sl])
+                hm = hdul[self.mask_hdu]
+                msk = _physical(hm.header, np.asarray(hm.section[sl]))
         else:
             arr = _open_zarr(self.path, os.path.getmtime(self.path))
             img = arr[(self.plane,) + sl] if self.plane is not None else arr[sl]
@@ -202,6 +215,8 @@ def open_fits(path: str, hdu=None, mask_hdu="auto", variance_hdu="auto", mask_pl
     except Exception as e:  # astropy raises OSError/ValueError/TypeError on corrupt files
         raise InputError(f"{path}: not a readable FITS file ({type(e).__name__}: {e}). "
                          f"Check that the file is complete and really FITS.") from None
+    if isinstance(hdu, str) and hdu.strip().isdigit() and hdu.strip().upper() not in [h.name for h in hdul]:
+        hdu = int(hdu)  # --hdu 1 on the command line arrives as the string "1": an HDU number
     if hdu is None:
         names = [h.name for h in hdul]
         if "IMAGE" in names:
@@ -227,6 +242,10 @@ def open_fits(path: str, hdu=None, mask_hdu="auto", variance_hdu="auto", mask_pl
                              f"{shape[-2:]}; they must match.")
         if role == "mask":
             mask_bits = _mask_bits_from_header(hh.header, mask_planes)
+            if mask_bits == 0 and any(str(k).startswith("MP_") for k in hh.header):
+                # the mask declares its planes but none of the bad ones: no pixel is bad by its mask
+                # (mask_bits=0 would mean "any nonzero value is bad", e.g. DETECTED)
+                mask_hdu = None
     header = h.header.copy()
     if len(shape) == 3:
         if not cube_bands:

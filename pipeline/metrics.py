@@ -170,8 +170,9 @@ def stamp_iou(true_masks, pred_masks):
                          f"pred_masks.shape={p.shape}")
     if t.ndim < 2:
         raise ValueError(f"stamp_iou: stacks must be (n, y, x) (at least 2-D), got shape {t.shape}")
-    mt = _as_mask(t, "true_masks").reshape(t.shape[0], -1)
-    mp = _as_mask(p, "pred_masks").reshape(p.shape[0], -1)
+    per_stamp = int(np.prod(t.shape[1:]))
+    mt = _as_mask(t, "true_masks").reshape(t.shape[0], per_stamp)
+    mp = _as_mask(p, "pred_masks").reshape(p.shape[0], per_stamp)
     inter = np.count_nonzero(np.logical_and(mt, mp), axis=1)
     union = np.count_nonzero(np.logical_or(mt, mp), axis=1)
     out = np.ones(t.shape[0], dtype=np.float64)
@@ -269,7 +270,8 @@ def label_iou_matrix(true_labels, pred_labels, *, dense=False):
     Notes
     -----
     Cost is one sort of the foreground pixels (``O(N log N)`` for ``N`` pixels), independent of the number
-    of labels, so maps of ~1e7 pixels with ~1e4 labels take about a second. The result is invariant to
+    of labels: a 1e7-pixel map with ~2e4 labels takes ~0.5 s (~1.5 s when ids are too large to pack two
+    into one int64, e.g. tile-offset ids, and each map is compacted first). The result is invariant to
     relabelling: renaming ids permutes rows/columns and leaves the values unchanged.
     """
     true_ids, ta, pred_ids, pa, rows, cols, inter = _label_overlaps(true_labels, pred_labels)
@@ -694,11 +696,6 @@ def _bins_for(bins, quantity):
     if isinstance(bins, dict):
         return bins.get(quantity, 10)
     return bins
-
-
-def _json_float(x):
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 def evaluate_catalog(truth, pred, max_sep=2.0, truth_seg=None, pred_seg=None, bins=10):

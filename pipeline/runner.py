@@ -324,6 +324,13 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
                  "inputs": inputs, "packages": package_versions(), "bands": [b.band for b in mosaic.bands]}
         st.create_store(out, grid, {t.name: dict(t.maps) for t in tasks}, attrs)
 
+    if not fresh:
+        meta = dict(st.open_store(out).attrs.get("deepmosaic", {}))
+        if meta.get("finished") and not os.path.isdir(os.path.join(out, "_work")):
+            log.info("%s: already finished with this input and configuration; nothing to recompute", out)
+            return RunResult(store=out, n_objects=dict(meta.get("n_objects", {})), tiles=dict(meta.get("tiles", {})),
+                             failures=[], seconds=time.perf_counter() - t_start, recomputed_tiles=0)
+
     ex = executor
     background = st.read_background(out)
     if background is None:

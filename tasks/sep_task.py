@@ -9,7 +9,7 @@ import sep
 
 from deepmosaic.pipeline.config import field, require
 
-from .base import FLAG_BUFFER, Column, MapSpec, Task, TaskOutput, TileInput
+from .base import FLAG_BUFFER, FLAG_TILE_TRUNCATED, Column, MapSpec, Task, TaskOutput, TileInput
 
 
 def make_kernel(spec: str) -> np.ndarray | None:
@@ -85,7 +85,7 @@ SOURCE_COLUMNS = {
     "flux": Column("f8", "", "Kron (AUTO) flux, background subtracted, image units"),
     "flux_err": Column("f8", "", "1-sigma error of flux"),
     "flux_aper": Column("f8", "", "flux in a circular aperture of radius aper_radius"),
-    "kron_radius": Column("f8", "", "Kron radius in units of a and b"),
+    "kron_radius": Column("f8", "", "Kron radius k*r1 in units of a and b (SExtractor's KRON_RADIUS)"),
     "a": Column("f8", "pix", "semi-major axis (second moments)"),
     "b": Column("f8", "pix", "semi-minor axis (second moments)"),
     "theta": Column("f8", "rad", "position angle, counter-clockwise from +x"),
@@ -98,7 +98,30 @@ SEGMENTATION = {"segmentation": MapSpec("int64", "label", "catalog id of each pi
 BACKGROUND = {"background": MapSpec("float32", "value", "global background model (sky level), image units")}
 
 
-def photometry(data, mask, rms, x, y, a, b, theta, cfg, flags):
+def aperture_leaves_window(shape, x, y, a, b, theta, r, at_mosaic_edge=(True, True, True, True)):
+    """True where the ellipse ``r*(a, b, theta)`` around ``(x, y)`` crosses a window edge inside the mosaic.
+
+    Such a measurement would change with a larger halo; the pipeline flags it ``FLAG_TILE_TRUNCATED``.
+    ``at_mosaic_edge`` is (top, bottom, left, right): edges that are the mosaic's own are not counted.
+    """
+    A, B = r * a, r * b
+    hx = np.sqrt((A * np.cos(theta)) ** 2 + (B * np.sin(theta)) ** 2)
+    hy = np.sqrt((A * np.sin(theta)) ** 2 + (B * np.cos(theta)) ** 2)
+    top, bottom, left, right = at_mosaic_edge
+    ny, nx = shape
+    out = np.zeros(len(x), bool)
+    if not top:
+        out |= y - hy < -0.5
+    if not bottom:
+        out |= y + hy > ny - 0.5
+    if not left:
+        out |= x - hx < -0.5
+    if not right:
+        out |= x + hx > nx - 0.5
+    return out
+
+
+def photometry(data, mask, rms, x, y, a, b, theta, cfg, flags, at_mosaic_edge=(True, True, True, True)):
     """Kron (AUTO) and circular-aperture photometry with sep, SExtractor's rules for small objects.
 
     Returns a dict of catalog columns (``flux``, ``flux_err``, ``flux_aper``, ``kron_radius``) and updates
@@ -122,7 +145,12 @@ def photometry(data, mask, rms, x, y, a, b, theta, cfg, flags):
         flux[small], ferr[small], fflag[small] = cf, ce, cfl
     ap, _, aflag = sep.sum_circle(data, x, y, cfg.aper_radius, err=rms, mask=mask, gain=cfg.gain, subpix=5)
     flags |= kflag.astype(np.int64) | fflag.astype(np.int64) | aflag.astype(np.int64)
-    return {"flux": flux, "flux_err": ferr, "flux_aper": ap, "kron_radius": kr}
+    # the Kron radius is measured within 6 a; the AUTO and fixed apertures must fit the window too
+    r = np.maximum(6.0, np.nan_to_num(cfg.kron_factor * kr))
+    leaves = aperture_leaves_window(data.shape, x, y, a, b, theta, r, at_mosaic_edge)
+    leaves |= aperture_leaves_window(data.shape, x, y, 1.0, 1.0, 0.0, cfg.aper_radius, at_mosaic_edge)
+    flags[leaves] |= FLAG_TILE_TRUNCATED
+    return {"flux": flux, "flux_err": ferr, "flux_aper": ap, "kron_radius": cfg.kron_factor * kr}
 
 
 def run_extract(data, mask, err, cfg, kernel, **overrides):
@@ -179,7 +207,7 @@ class SepTask(Task):
         objs, seg, extra, notes = run_extract(data, mask, tile.global_rms, cfg, make_kernel(cfg.filter_kernel))
         flags = objs["flag"].astype(np.int64) | extra
         phot = photometry(data, mask, tile.rms, objs["x"], objs["y"], objs["a"], objs["b"], objs["theta"],
-                          cfg, flags)
+                          cfg, flags, tile.at_mosaic_edge)
         cat = {
             "x": objs["x"].astype(np.float64), "y": objs["y"].astype(np.float64),
             **phot,

@@ -16,7 +16,8 @@ def catalog_table(store_path: str, stage: str):
     cols = st.read_catalog(store_path, stage)
     meta = st.catalog_units(store_path, stage)
     t = Table()
-    for name, values in cols.items():
+    for name in _column_order(stage, cols):
+        values = cols[name]
         unit = meta.get(name, {}).get("unit") or None
         t[name] = values
         if unit:
@@ -25,6 +26,21 @@ def catalog_table(store_path: str, stage: str):
     t.meta["stage"] = stage
     t.meta["store"] = os.path.abspath(store_path)
     return t
+
+
+def _column_order(stage: str, cols) -> list[str]:
+    """The store's column order (id, x, y, the stage's columns, flags, tile, ra/dec), not the order in
+    which zarr happens to list the arrays (that follows the file system and changes between stores)."""
+    stage_cols: list[str] = []
+    try:
+        from deepmosaic.tasks import get_task_class
+        stage_cols = list(get_task_class(stage).columns)
+    except DeepmosaicError:
+        pass  # a stage this installation does not know: its own columns go in name order
+    head = [c for c in ["id", "x", "y"] + stage_cols if c in cols and c != "flags"]
+    tail = [c for c in ("flags", "tile_row", "tile_col", "ra", "dec") if c in cols]
+    rest = sorted(set(cols) - set(head) - set(tail))
+    return list(dict.fromkeys(head)) + rest + tail
 
 
 def export_catalogs(store_path, fmt="fits", stages=None, out_dir=None, overwrite=False):
@@ -39,12 +55,14 @@ def export_catalogs(store_path, fmt="fits", stages=None, out_dir=None, overwrite
     out_dir = out_dir or os.path.dirname(os.path.abspath(store_path))
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.basename(os.path.normpath(store_path)).removesuffix(".zarr")
+    targets = [(s, os.path.join(out_dir, f"{base}_{s}{EXTENSIONS[fmt]}")) for s in stages]
+    if not overwrite:  # refuse before writing anything, not after some stages' tables are written
+        for _, path in targets:
+            if os.path.exists(path):
+                raise StoreError(f"{path} exists; pass --overwrite to replace it.")
     paths = []
-    for s in stages:
+    for s, path in targets:
         t = catalog_table(store_path, s)
-        path = os.path.join(out_dir, f"{base}_{s}{EXTENSIONS[fmt]}")
-        if os.path.exists(path) and not overwrite:
-            raise StoreError(f"{path} exists; pass --overwrite to replace it.")
         if fmt == "parquet":
             try:
                 import pyarrow  # noqa: F401
