@@ -150,6 +150,7 @@ def write_catalog(path: str, stage: str, columns: dict, schema: dict):
         col = schema.get(name)
         a.attrs.update({"unit": getattr(col, "unit", ""), "description": getattr(col, "description", "")})
     g.attrs["n_rows"] = int(next(iter(n)) if n else 0)
+    g.attrs["columns"] = list(columns)
 
 
 def read_catalog(path: str, stage: str) -> dict:
@@ -158,7 +159,8 @@ def read_catalog(path: str, stage: str) -> dict:
         have = sorted(root["catalogs"].group_keys()) if "catalogs" in root else []
         raise StoreError(f"{path}: no catalog for stage {stage!r}; the store has {have}.")
     g = root["catalogs"][stage]
-    return {k: g[k][...] for k in g.array_keys()}
+    names = list(g.attrs.get("columns", [])) or sorted(g.array_keys())
+    return {k: g[k][...] for k in names}
 
 
 def catalog_units(path: str, stage: str) -> dict:

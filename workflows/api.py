@@ -23,7 +23,10 @@ def load_config_file(path: str | None) -> dict:
     if not os.path.exists(path):
         raise ConfigError(f"--config {path}: no such file.")
     with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:  # includes tags such as !!python/object that safe_load refuses
+            raise ConfigError(f"--config {path}: not a valid (safe) YAML file: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping at the top level, got {type(data).__name__}.")
     return data
@@ -109,6 +112,9 @@ def run(input, out, stages=None, tile=None, set=None, config=None, workers=None,
         kw["hdu"] = hdu
     mosaics = [open_mosaic(p, **kw) for p in paths]
     bands = tuple(b for m in mosaics for b in m.bands)
+    if len({b.band for b in bands}) < len(bands):  # e.g. one file per band without FILTER keywords
+        import dataclasses
+        bands = tuple(dataclasses.replace(b, band=f"band{i}") for i, b in enumerate(bands))
     if len({b.shape for b in bands}) > 1:
         raise ConfigError(f"input: the bands have different shapes {[b.shape for b in bands]}; "
                           f"they must share one pixel grid.")

@@ -16,8 +16,7 @@ def catalog_table(store_path: str, stage: str):
     cols = st.read_catalog(store_path, stage)
     meta = st.catalog_units(store_path, stage)
     t = Table()
-    for name in _column_order(stage, cols):
-        values = cols[name]
+    for name, values in cols.items():  # the store's column order (id, x, y, ..., ra, dec)
         unit = meta.get(name, {}).get("unit") or None
         t[name] = values
         if unit:
@@ -26,21 +25,6 @@ def catalog_table(store_path: str, stage: str):
     t.meta["stage"] = stage
     t.meta["store"] = os.path.abspath(store_path)
     return t
-
-
-def _column_order(stage: str, cols) -> list[str]:
-    """The store's column order (id, x, y, the stage's columns, flags, tile, ra/dec), not the order in
-    which zarr happens to list the arrays (that follows the file system and changes between stores)."""
-    stage_cols: list[str] = []
-    try:
-        from deepmosaic.tasks import get_task_class
-        stage_cols = list(get_task_class(stage).columns)
-    except DeepmosaicError:
-        pass  # a stage this installation does not know: its own columns go in name order
-    head = [c for c in ["id", "x", "y"] + stage_cols if c in cols and c != "flags"]
-    tail = [c for c in ("flags", "tile_row", "tile_col", "ra", "dec") if c in cols]
-    rest = sorted(set(cols) - set(head) - set(tail))
-    return list(dict.fromkeys(head)) + rest + tail
 
 
 def export_catalogs(store_path, fmt="fits", stages=None, out_dir=None, overwrite=False):

@@ -1,0 +1,607 @@
+#!/usr/bin/env python
+"""Benchmark: the tiled sep stage on a local Dask cluster against one whole-image ``sep.extract``.
+
+What it measures (all on the same simulated FITS mosaic, default 8192 x 8192):
+
+1. simulation of the field (``deepmosaic.pipeline.simulate``) and its FITS file (cached with ``--keep``);
+2. the whole-image baseline in this process: read, global mesh background
+   (``background_of_image``), one ``sep.extract`` with the sep stage's defaults (through
+   ``tasks.sep_task.run_extract``: thresh 1.5 x global RMS, minarea 5, default 3x3 kernel, matched
+   filter, deblend 32/0.005, clean) and the same Kron/aperture photometry (``tasks.sep_task.photometry``);
+3. the tiled run ``deepmosaic.workflows.run(image, store, tile=1024, workers=2)``: end to end with its
+   own cluster (start-up and shutdown included), then on a cluster started beforehand (first run on it,
+   then a warm second run), with a per-pass breakdown of the warm run;
+4. throughput (Mpix/s) of each, the ratios tiled / whole, and the catalog agreement (fraction of the
+   whole-image objects that the tiled catalog has within 1e-3 px);
+5. peak RSS of each Dask worker and of the client at two mosaic sizes (and one larger tile), each in a
+   fresh subprocess with a fresh cluster, plus the whole-image baseline's peak RSS at the same sizes;
+6. a serial, in-process profile of the tiled code path (the real pipeline functions, wrapped with
+   timers): reading, background, sep.extract, photometry, zarr writes, seam pass, catalog assembly.
+
+Run::
+
+    .venv/bin/python benchmarks/bench_sep_tiling.py --keep /tmp/dm_bench
+
+Spawned Dask workers re-import this file, hence the ``__main__`` guard.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+import numpy as np
+
+PROBE_TAG = "PROBE_JSON "
+MATCH_TOL = 1e-3  # px
+
+
+def say(msg: str = ""):
+    print(msg, flush=True)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _worker_rss():
+    """Runs inside a Dask worker: (peak RSS MiB, current RSS MiB) of the worker process."""
+    import resource as _r
+    cur = float("nan")
+    try:
+        import psutil
+        cur = psutil.Process().memory_info().rss / 2**20
+    except Exception:  # noqa: BLE001
+        pass
+    return _r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 1024.0, cur
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+def sim_path(directory: str, size: int, density: float, seed: int) -> str:
+    return os.path.join(directory, f"sim_{size}_d{density:g}_s{seed}.fits")
+
+
+def ensure_simulation(directory: str, size: int, density: float, seed: int) -> str:
+    """Simulate a ``size`` x ``size`` field and write it as FITS, unless that file is already there."""
+    from deepmosaic.pipeline.simulate import SimConfig, simulate_mosaic
+    from deepmosaic.pipeline.truth import write_simulation
+    path = sim_path(directory, size, density, seed)
+    if os.path.exists(path):
+        say(f"[sim] reusing cached {path}")
+        return path
+    cfg = SimConfig(size=(size, size), density=density, seed=seed)
+    t0 = time.perf_counter()
+    sim = simulate_mosaic(cfg)
+    t1 = time.perf_counter()
+    n = len(sim.truth)
+    write_simulation(sim, path, overwrite=True)
+    t2 = time.perf_counter()
+    del sim
+    say(f"[sim] simulated {size}x{size}, {n} objects ({n / (size * size / 1e6):.0f}/Mpix) in {t1 - t0:.1f} s; "
+        f"FITS written in {t2 - t1:.1f} s -> {path}")
+    if t1 - t0 > 120:
+        say(f"[sim] note: simulating took more than 2 minutes; pass --keep DIR to cache it for later runs")
+    return path
+
+
+def crop_mosaic(src: str, size: int, dst: str) -> str:
+    """The ``[0:size, 0:size]`` corner of a simulated mosaic (IMAGE, MASK, VARIANCE; the WCS stays valid)."""
+    from astropy.io import fits
+    if os.path.exists(dst):
+        return dst
+    with fits.open(src, memmap=True) as h:
+        hdus = []
+        for i, hdu in enumerate(h):
+            data = np.array(hdu.data[:size, :size])
+            hdr = hdu.header.copy()
+            for key in ("CHECKSUM", "DATASUM"):
+                hdr.remove(key, ignore_missing=True)
+            hdus.append(fits.PrimaryHDU(data, hdr) if i == 0 else fits.ImageHDU(data, hdr, name=hdu.name))
+        tmp = dst + ".tmp"
+        fits.HDUList(hdus).writeto(tmp, overwrite=True)
+        os.replace(tmp, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------- whole image
+
+def whole_image(path: str) -> dict:
+    """The untiled reference: read, background, one sep.extract, photometry; returns timings + catalog."""
+    from deepmosaic.pipeline.background import background_of_image
+    from deepmosaic.pipeline.io import open_mosaic
+    from deepmosaic.tasks.sep_task import SepConfig, make_kernel, photometry, run_extract
+    cfg = SepConfig()
+    t = {}
+    t0 = time.perf_counter()
+    src = open_mosaic(path).detection
+    ny, nx = src.shape
+    image, mask, _variance = src.read_window((0, ny, 0, nx))
+    t1 = time.perf_counter()
+    t["read"] = t1 - t0
+    bkg = background_of_image(image, mask, cfg.back_size, cfg.back_filter_size, cfg.back_filter_thresh)
+    t2 = time.perf_counter()
+    t["background meshes"] = t2 - t1
+    back, rms = bkg.evaluate((0, ny, 0, nx))
+    data = image - back
+    data[mask] = 0.0
+    t3 = time.perf_counter()
+    t["background evaluate+subtract"] = t3 - t2
+    objs, seg, extra, notes = run_extract(data, mask, bkg.global_rms, cfg, make_kernel(cfg.filter_kernel))
+    t4 = time.perf_counter()
+    t["sep.extract"] = t4 - t3
+    flags = objs["flag"].astype(np.int64) | extra
+    phot = photometry(data, mask, rms, objs["x"], objs["y"], objs["a"], objs["b"], objs["theta"], cfg, flags)
+    t5 = time.perf_counter()
+    t["photometry"] = t5 - t4
+    t["total"] = t5 - t0
+    return {"shape": (ny, nx), "t": t, "n": int(len(objs)), "notes": notes, "global_rms": bkg.global_rms,
+            "x": np.asarray(objs["x"], float), "y": np.asarray(objs["y"], float),
+            "flux": np.asarray(phot["flux"], float)}
+
+
+# ---------------------------------------------------------------------------------------- timers
+
+class Timers:
+    """Accumulates wall time of wrapped functions (patched in place, restored on exit)."""
+
+    def __init__(self):
+        self.t = defaultdict(float)
+        self.n = defaultdict(int)
+        self._undo = []
+
+    def wrap(self, owner, attr: str, key: str, kind: str = "function"):
+        orig = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        func = orig.__func__ if isinstance(orig, (classmethod, staticmethod)) else orig
+        acc_t, acc_n = self.t, self.n
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return func(*a, **k)
+            finally:
+                acc_t[key] += time.perf_counter() - t0
+                acc_n[key] += 1
+
+        timed.__name__ = getattr(func, "__name__", attr)
+        new = classmethod(timed) if isinstance(orig, classmethod) else (
+            staticmethod(timed) if isinstance(orig, staticmethod) else timed)
+        setattr(owner, attr, new)
+        self._undo.append((owner, attr, orig))
+
+    def restore(self):
+        for owner, attr, orig in reversed(self._undo):
+            setattr(owner, attr, orig)
+        self._undo.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+
+
+class PassTimer:
+    """Wraps an executor: wall time of each ``map_unordered`` pass and the summed task seconds."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.description = inner.description
+        self.dashboard = getattr(inner, "dashboard", None)
+        self.passes = []
+
+    def map_unordered(self, fn, args_list, resources=None):
+        t0 = time.perf_counter()
+        n, busy = 0, 0.0
+        for i, res in self.inner.map_unordered(fn, args_list, resources=resources):
+            if isinstance(res, dict) and "seconds" in res:
+                busy += res["seconds"]
+            n += 1
+            yield i, res
+        self.passes.append((fn.__name__, time.perf_counter() - t0, n, busy))
+
+
+def client_side_timers():
+    """Timers on the client-side steps of ``run_pipeline`` (names resolved at call time, so patchable)."""
+    from deepmosaic.pipeline import runner
+    from deepmosaic.pipeline import store as st
+    tm = Timers()
+    tm.wrap(runner, "file_sha256", "input sha256 (client)")
+    tm.wrap(st, "remove_store", "remove old store (client)")
+    tm.wrap(st, "create_store", "create store (client)")
+    tm.wrap(runner, "compute_background", "background pass incl. mesh filter (client+workers)")
+    tm.wrap(st, "write_background", "write background model (client)")
+    tm.wrap(st, "set_status", "tile status writes (client, inside the tile loop)")
+    tm.wrap(st, "get_status", "status reads (client)")
+    tm.wrap(st, "read_part", "catalog assembly: read parts (client)")
+    tm.wrap(runner, "_concat_parts", "catalog assembly: concatenate (client)")
+    tm.wrap(st, "write_catalog", "catalog assembly: write zarr columns (client)")
+    tm.wrap(st, "clear_work", "clear _work (client)")
+    tm.wrap(st, "update_attrs", "update attrs (client)")
+    return tm
+
+
+# ------------------------------------------------------------------------------------ tiled runs
+
+def read_tiled_catalog(store: str) -> dict:
+    from deepmosaic.pipeline.store import read_catalog
+    return read_catalog(store, "sep")
+
+
+def match_fraction(xw, yw, xt, yt, tol=MATCH_TOL):
+    """Fraction of whole-image objects with a tiled object within ``tol`` px (and one-to-one count)."""
+    from scipy.spatial import cKDTree
+    if len(xw) == 0:
+        return float("nan"), 0, np.zeros(0, int)
+    tree = cKDTree(np.column_stack([xt, yt]))
+    d, j = tree.query(np.column_stack([xw, yw]), k=1, distance_upper_bound=tol)
+    ok = np.isfinite(d)
+    n_unique = len(np.unique(j[ok]))
+    idx = np.where(ok, j, -1)
+    return ok.mean(), n_unique, idx
+
+
+def tiled_benchmark(path: str, workdir: str, tile: int, workers: int):
+    from deepmosaic.pipeline.execute import executor
+    from deepmosaic.workflows.api import run
+    store = os.path.join(workdir, "tiled.zarr")
+    out = {}
+
+    # (a) end to end: run() starts its own cluster and shuts it down
+    t0 = time.perf_counter()
+    res = run(path, store, tile=tile, workers=workers, overwrite=True)
+    out["cold"] = time.perf_counter() - t0
+    out["cold_pipeline"] = res.seconds
+    assert not res.failures, res.failures
+    out["n_objects"] = res.n_objects.get("sep")
+
+    # (b) a cluster started beforehand: its start-up, the first run on it, a warm run, shutdown
+    t0 = time.perf_counter()
+    cm = executor(workers=workers)
+    ex = cm.__enter__()
+    out["cluster_start"] = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        res = run(path, store, tile=tile, executor=ex, overwrite=True)
+        out["first_on_cluster"] = time.perf_counter() - t0
+        timed = PassTimer(ex)
+        with client_side_timers() as tm:
+            t0 = time.perf_counter()
+            res = run(path, store, tile=tile, executor=timed, overwrite=True)
+            out["warm"] = time.perf_counter() - t0
+        out["warm_pipeline"] = res.seconds
+        out["warm_passes"] = timed.passes
+        out["warm_client"] = (dict(tm.t), dict(tm.n))
+        assert not res.failures, res.failures
+    finally:
+        t0 = time.perf_counter()
+        cm.__exit__(None, None, None)
+        out["cluster_stop"] = time.perf_counter() - t0
+    out["catalog"] = read_tiled_catalog(store)
+    out["store"] = store
+    return out
+
+
+# ------------------------------------------------------------------------------------ memory probes
+
+def probe_main(args):
+    """Subprocess entry point: one measurement in a fresh process (and a fresh cluster)."""
+    if args._probe == "whole":
+        r = whole_image(args._probe_input)
+        print(PROBE_TAG + json.dumps({"client_peak_mb": peak_rss_mb(), "seconds": r["t"]["total"],
+                                      "n": r["n"]}), flush=True)
+        return
+    from deepmosaic.pipeline.execute import executor
+    from deepmosaic.workflows.api import run
+    store = os.path.join(args._probe_workdir, f"mem_{os.getpid()}.zarr")
+    client_before = peak_rss_mb()
+    with executor(workers=args.workers) as ex:
+        idle = ex.client.run(_worker_rss)
+        t0 = time.perf_counter()
+        res = run(args._probe_input, store, tile=args.tile, executor=ex, overwrite=True)
+        secs = time.perf_counter() - t0
+        after = ex.client.run(_worker_rss)
+    shutil.rmtree(store, ignore_errors=True)
+    print(PROBE_TAG + json.dumps({
+        "workers_idle_peak_mb": [v[0] for v in idle.values()],
+        "workers_peak_mb": [v[0] for v in after.values()],
+        "workers_rss_after_mb": [v[1] for v in after.values()],
+        "client_peak_mb": peak_rss_mb(), "client_peak_before_cluster_mb": client_before,
+        "seconds": secs, "n": res.n_objects.get("sep"), "failures": len(res.failures)}), flush=True)
+
+
+def run_probe(kind: str, path: str, tile: int, workers: int, workdir: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--_probe", kind, "--_probe-input", path,
+           "--_probe-workdir", workdir, "--tile", str(tile), "--workers", str(workers)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith(PROBE_TAG):
+            return json.loads(line[len(PROBE_TAG):])
+    raise RuntimeError(f"probe {kind} {path} failed (rc {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+
+
+# ------------------------------------------------------------------------------------ serial profile
+
+def profile_serial(path: str, tile_size: int, workdir: str) -> tuple[dict, dict, float]:
+    """Run the tiled code path tile by tile in this process with timers on its parts.
+
+    Uses the pipeline's own functions (``runner.background_tile``, ``runner.process_tile``,
+    ``runner.resolve_seams``, ``runner.relabel_tile``, ``runner._concat_parts``, ``store.write_catalog``);
+    only timers are added. Returns (seconds by part, calls by part, serial total).
+    """
+    from deepmosaic.pipeline import background as bg
+    from deepmosaic.pipeline import io as dio
+    from deepmosaic.pipeline import runner
+    from deepmosaic.pipeline import store as st
+    from deepmosaic.pipeline.tiling import TileGrid
+    from deepmosaic.tasks import sep_task
+    from deepmosaic.workflows.api import background_settings
+
+    mosaic = dio.open_mosaic(path)
+    task = sep_task.SepTask()
+    tasks = (task,)
+    grid = TileGrid(mosaic.shape, tile_size, task.halo)
+    bs = background_settings(tasks)
+    store = os.path.join(workdir, "profile.zarr")
+    st.remove_store(store)
+    st.create_store(store, grid, {task.name: dict(task.maps)}, {})
+    tiles = list(grid)
+    T = Timers()
+    t_all = time.perf_counter()
+
+    # pass 0: background meshes per tile, then the client's fill/filter
+    with Timers() as t0:
+        t0.wrap(dio.MosaicSource, "read_window", "read")
+        t0.wrap(runner, "measure_meshes", "measure")  # runner imported the name
+        meshes = []
+        tb = time.perf_counter()
+        for tile in tiles:
+            meshes.append(runner.background_tile(mosaic.detection, tile, bs["back_size"], grid.shape))
+        T.t["0 background pass: per-tile total"] += time.perf_counter() - tb
+        T.t["0   read window(s) (image+mask+variance)"] += t0.t["read"]
+        T.t["0   measure meshes (sep.Background per 64x64 mesh)"] += t0.t["measure"]
+    tb = time.perf_counter()
+    nmy, nmx = bg.mesh_grid_shape(grid.shape, bs["back_size"])
+    back = np.full((nmy, nmx), np.nan)
+    rms = np.full((nmy, nmx), np.nan)
+    for j0, i0, b, r in meshes:
+        back[j0:j0 + b.shape[0], i0:i0 + b.shape[1]] = b
+        rms[j0:j0 + r.shape[0], i0:i0 + r.shape[1]] = r
+    model = bg.BackgroundModel.from_meshes(back, rms, bs["back_size"], bs["filter_size"], bs["filter_thresh"])
+    st.write_background(store, model)
+    T.t["0 background: assemble + fill + median filter + write (client)"] += time.perf_counter() - tb
+
+    # pass 1: process_tile, with timers on its parts
+    with Timers() as t1:
+        t1.wrap(dio.MosaicSource, "read_window", "read")
+        t1.wrap(bg.BackgroundModel, "evaluate", "bgeval")
+        t1.wrap(dio.MosaicSource, "wcs", "wcs")
+        t1.wrap(sep_task.SepTask, "run", "taskrun")
+        t1.wrap(sep_task, "run_extract", "extract")
+        t1.wrap(sep_task, "photometry", "phot")
+        t1.wrap(runner, "_finish_stage", "finish")
+        t1.wrap(runner, "_pipeline_flags", "pflags")
+        t1.wrap(runner, "_seam_samples", "seam")
+        t1.wrap(st, "write_core", "write_core")
+        t1.wrap(st, "write_part", "write_part")
+        tb = time.perf_counter()
+        for tile in tiles:
+            r = runner.process_tile(store, mosaic, tasks, model, grid, tile)
+            if r["status"] == st.STATUS_FAILED:
+                raise RuntimeError(r["traceback"])
+            st.set_status(store, "status", tile.row, tile.col, r["status"])
+        tot = time.perf_counter() - tb
+        c = t1.t
+        T.t["1 tile pass: per-tile total"] += tot
+        T.t["1   read window (image+mask+variance, to float32/bool)"] += c["read"]
+        T.t["1   background evaluate (spline, back+rms)"] += c["bgeval"]
+        T.t["1   WCS parse"] += c["wcs"]
+        T.t["1   sep.extract (run_extract)"] += c["extract"]
+        T.t["1   photometry (kron_radius, sum_ellipse, sum_circle)"] += c["phot"]
+        T.t["1   rest of SepTask.run (subtract background, dtype copies)"] += c["taskrun"] - c["extract"] - c["phot"]
+        T.t["1   finish: zarr write_core (segmentation int64 + background f32)"] += c["write_core"]
+        T.t["1   finish: _seam_samples"] += c["seam"]
+        T.t["1   finish: _pipeline_flags"] += c["pflags"]
+        T.t["1   finish: rest (ownership, ids, LUT, ra/dec)"] += c["finish"] - c["write_core"] - c["seam"] - c["pflags"]
+        T.t["1   write_part (npz)"] += c["write_part"]
+        T.t["1   rest of process_tile + status writes"] += tot - sum(
+            c[k] for k in ("read", "bgeval", "wcs", "taskrun", "finish", "write_part"))
+
+    # pass 2: seams
+    with Timers() as t2:
+        t2.wrap(st, "read_map_pixels", "pixels")
+        t2.wrap(st, "read_part", "part")
+        t2.wrap(st, "read_core", "core")
+        t2.wrap(st, "write_core", "write")
+        tb = time.perf_counter()
+        maps = {}
+        for tile in tiles:
+            idx, m = runner.resolve_seams(store, "sep", "segmentation", tile.index)
+            maps[idx] = m
+        ts = time.perf_counter() - tb
+        tb = time.perf_counter()
+        for tile in tiles:
+            if len(maps[tile.index]):
+                runner.relabel_tile(store, "sep", "segmentation", tile, maps[tile.index])
+        tr = time.perf_counter() - tb
+        c = t2.t
+        T.t["2 seam pass: resolve_seams total"] += ts
+        T.t["2   read_map_pixels (zarr coordinate selection on neighbours' chunks)"] += c["pixels"]
+        T.t["2   read_part"] += c["part"]
+        T.t["2 seam pass: relabel_tile total"] += tr
+        T.t["2   read_core + write_core (own chunk)"] += c["core"] + c["write"]
+        n_sampled = sum(len(m) for m in maps.values())
+
+    # pass 3: catalogs
+    tb = time.perf_counter()
+    parts = [st.read_part(store, t.index) for t in grid]
+    T.t["3   read parts"] += time.perf_counter() - tb
+    tc = time.perf_counter()
+    cols = runner._concat_parts(task, parts)
+    st.write_catalog(store, task.name, cols, {**task.columns, **runner._PIPELINE_COLUMNS})
+    T.t["3   concatenate + write zarr columns"] += time.perf_counter() - tc
+    T.t["3 catalog assembly total"] += time.perf_counter() - tb
+
+    # client-side fixed costs of a run
+    tb = time.perf_counter()
+    runner.file_sha256(mosaic.detection.path)
+    T.t["- input sha256 (client, every run)"] += time.perf_counter() - tb
+    total = time.perf_counter() - t_all
+    st.remove_store(store)
+    info = {"n_tiles": len(tiles), "n_foreign_seam_objects": n_sampled, "window": grid.tile(1, 1).window_shape}
+    return dict(T.t), info, total
+
+
+# -------------------------------------------------------------------------------------------- main
+
+def fmt_rate(mpix, secs):
+    return f"{mpix / secs:6.2f} Mpix/s" if secs > 0 else "   n/a"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--size", type=int, default=8192, help="mosaic side in pixels")
+    ap.add_argument("--tile", type=int, default=1024, help="tile core size")
+    ap.add_argument("--workers", type=int, default=2, help="local Dask process workers")
+    ap.add_argument("--density", type=float, default=None,
+                    help="objects per Mpix (default: the simulator's SimConfig default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", default=None,
+                    help="directory to cache the simulated FITS in and keep the stores (default: a temp dir)")
+    ap.add_argument("--mem-sizes", default=None,
+                    help="comma-separated mosaic sides for the memory table (default: size/2,size)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS table")
+    ap.add_argument("--no-profile", action="store_true", help="skip the serial per-part profile")
+    ap.add_argument("--_probe", choices=["tiled", "whole"], help=argparse.SUPPRESS)
+    ap.add_argument("--_probe-input", help=argparse.SUPPRESS)
+    ap.add_argument("--_probe-workdir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._probe:
+        return probe_main(args)
+
+    from deepmosaic.pipeline.simulate import SimConfig
+    density = SimConfig().density if args.density is None else args.density
+    workdir = args.keep or tempfile.mkdtemp(prefix="bench_sep_tiling_")
+    os.makedirs(workdir, exist_ok=True)
+    size, tile, workers = args.size, args.tile, args.workers
+    mpix = size * size / 1e6
+    say(f"bench_sep_tiling: {size}x{size} ({mpix:.1f} Mpix), tile {tile}, {workers} workers, density {density:g}/Mpix, "
+        f"seed {args.seed}, {os.cpu_count()} CPUs; workdir {workdir}")
+    try:
+        # 1. simulate -------------------------------------------------------------------------------
+        path = ensure_simulation(workdir, size, density, args.seed)
+
+        # 2. whole image ----------------------------------------------------------------------------
+        say("[whole] reading, background, sep.extract, photometry in this process ...")
+        W = whole_image(path)
+        for k, v in W["t"].items():
+            say(f"[whole]   {k:<32s} {v:7.2f} s")
+        say(f"[whole]   {W['n']} objects; global rms {W['global_rms']:.4f}; notes {W['notes']}")
+
+        # 3. tiled ----------------------------------------------------------------------------------
+        say(f"[tiled] run(tile={tile}, workers={workers}) ...")
+        R = tiled_benchmark(path, workdir, tile, workers)
+        say(f"[tiled]   end to end, own cluster (start + run + shutdown) {R['cold']:7.2f} s "
+            f"(RunResult.seconds {R['cold_pipeline']:.2f})")
+        say(f"[tiled]   cluster start-up                                 {R['cluster_start']:7.2f} s")
+        say(f"[tiled]   first run on the started cluster (worker imports) {R['first_on_cluster']:7.2f} s")
+        say(f"[tiled]   warm run on the started cluster                  {R['warm']:7.2f} s "
+            f"(RunResult.seconds {R['warm_pipeline']:.2f})")
+        say(f"[tiled]   cluster shutdown                                 {R['cluster_stop']:7.2f} s")
+        say(f"[tiled]   {R['n_objects']} objects")
+        say("[tiled]   warm run, passes (wall; summed task seconds on the workers):")
+        for name, wall, n, busy in R["warm_passes"]:
+            b = f"; tasks {busy:6.2f} s = {busy / wall / workers * 100:3.0f}% of {workers} workers" if busy else ""
+            say(f"[tiled]     {name:<20s} {n:4d} tasks {wall:7.2f} s{b}")
+        ct, cn = R["warm_client"]
+        say("[tiled]   warm run, client-side steps:")
+        for k in sorted(ct, key=lambda k: -ct[k]):
+            say(f"[tiled]     {k:<56s} {ct[k]:7.3f} s ({cn[k]} calls)")
+
+        # 4. rates, ratios, agreement ---------------------------------------------------------------
+        t = W["t"]
+        whole = {"sep.extract only": t["sep.extract"],
+                 "extract + photometry": t["sep.extract"] + t["photometry"],
+                 "full (read+bkg+extract+phot)": t["total"]}
+        tiled = {"tiled, end to end incl. cluster start": R["cold"], "tiled, warm cluster": R["warm"]}
+        say()
+        say(f"== throughput on {size}x{size} ({mpix:.1f} Mpix) ==")
+        for k, v in whole.items():
+            say(f"  whole image, {k:<34s} {v:7.2f} s  {fmt_rate(mpix, v)}")
+        for k, v in tiled.items():
+            say(f"  {k:<47s} {v:7.2f} s  {fmt_rate(mpix, v)}")
+        say("== ratio tiled / whole (throughput; target >= 2.5x) ==")
+        say(f"  {'':<40s}" + "".join(f"{k[:28]:>30s}" for k in whole))
+        for tk, tv in tiled.items():
+            say(f"  {tk:<40s}" + "".join(f"{wv / tv:29.2f}x" for wv in whole.values()))
+        cat = R["catalog"]
+        frac, n_unique, idx = match_fraction(W["x"], W["y"], cat["x"], cat["y"])
+        n_t = len(cat["x"])
+        ok = idx >= 0
+        dflux = np.abs(cat["flux"][idx[ok]] - W["flux"][ok]) / np.maximum(np.abs(W["flux"][ok]), 1e-30)
+        say(f"== catalog agreement (within {MATCH_TOL:g} px) ==")
+        say(f"  whole {W['n']} objects, tiled {n_t}; matched {ok.sum()} = {frac * 100:.2f}% of whole "
+            f"({n_unique} distinct tiled objects, {n_unique / max(n_t, 1) * 100:.2f}% of tiled)")
+        if ok.any():
+            say(f"  matched: Kron flux equal to 1e-6 relative for {np.mean(dflux < 1e-6) * 100:.2f}%; "
+                f"median |dflux|/flux {np.median(dflux):.2e}")
+
+        # 5. memory ---------------------------------------------------------------------------------
+        if not args.no_memory:
+            sizes = ([int(s) for s in args.mem_sizes.split(",")] if args.mem_sizes
+                     else sorted({max(size // 2, tile), size}))
+            rows = [(s, tile) for s in sizes] + [(max(sizes), 2 * tile)]
+            say()
+            say("[memory] fresh subprocess + fresh cluster per row ...")
+            table = []
+            for s, tl in rows:
+                p = path if s == size else crop_mosaic(path, s, os.path.join(workdir, f"crop_{s}_of_{os.path.basename(path)}"))
+                r = run_probe("tiled", p, tl, workers, workdir)
+                table.append((s, tl, r))
+                say(f"[memory]   {s}^2 tile {tl}: done in {r['seconds']:.1f} s")
+            whole_mem = {}
+            for s in sizes:
+                p = path if s == size else crop_mosaic(path, s, os.path.join(workdir, f"crop_{s}_of_{os.path.basename(path)}"))
+                whole_mem[s] = run_probe("whole", p, tile, workers, workdir)
+            say(f"== peak RSS (MiB) ==")
+            say(f"  {'mosaic':>8s} {'tile':>6s} {'worker idle':>12s} {'worker peak (each)':>22s} "
+                f"{'client peak':>12s} {'whole-image peak':>17s}")
+            for s, tl, r in table:
+                wp = " ".join(f"{v:7.0f}" for v in sorted(r["workers_peak_mb"]))
+                wi = max(r["workers_idle_peak_mb"])
+                wm = whole_mem.get(s, {}).get("client_peak_mb") if tl == tile else None
+                say(f"  {s:>7d}^2 {tl:>6d} {wi:12.0f} {wp:>22s} {r['client_peak_mb']:12.0f} "
+                    f"{(f'{wm:.0f}' if wm else '-'):>17s}")
+            say("  (worker idle = peak RSS right after start-up, before any task; whole-image peak = the "
+                "untiled baseline alone in a fresh process)")
+
+        # 6. serial profile -------------------------------------------------------------------------
+        if not args.no_profile:
+            say()
+            say("[profile] serial, in-process, the pipeline's own functions with timers ...")
+            P, info, total = profile_serial(path, tile, workdir)
+            say(f"== serial profile of the tiled code path ({info['n_tiles']} tiles, interior window "
+                f"{info['window'][0]}x{info['window'][1]}, {info['n_foreign_seam_objects']} foreign seam objects) ==")
+            for k in sorted(P):
+                say(f"  {k[2:]:<72s} {P[k]:7.2f} s  ({P[k] / info['n_tiles'] * 1000:6.1f} ms/tile)")
+            say(f"  {'serial total':<72s} {total:7.2f} s; / {workers} workers = {total / workers:.2f} s "
+                f"(measured warm tiled run {R['warm']:.2f} s)")
+        say()
+        say(f"this process peak RSS {peak_rss_mb():.0f} MiB")
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
