@@ -343,10 +343,7 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
     failures = []
     bar = _progress(len(todo), "tiles")
     args = [(out, mosaic, tuple(tasks), background, grid, t) for t in todo]
-    resources = {}
-    for t in tasks:
-        resources.update(t.resources)
-    for i, res in ex.map_unordered(process_tile, args, resources=None):
+    for i, res in ex.map_unordered(process_tile, args):
         t = todo[i]
         st.set_status(out, "status", t.row, t.col, res["status"])
         if res["status"] == st.STATUS_FAILED:
