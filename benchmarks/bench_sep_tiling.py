@@ -48,21 +48,31 @@ def say(msg: str = ""):
     print(msg, flush=True)
 
 
+def _proc_status_mb(field: str):
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident set size of this process in MiB.
+
+    Linux ``VmHWM`` (the high-water mark of this process image), not ``ru_maxrss``: a child started by
+    fork/vfork + exec inherits its parent's ``ru_maxrss``, which would make every subprocess look as big as
+    the benchmark process that launched it.
+    """
+    v = _proc_status_mb("VmHWM")
+    return v if v is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _worker_rss():
     """Runs inside a Dask worker: (peak RSS MiB, current RSS MiB) of the worker process."""
-    import resource as _r
-    cur = float("nan")
-    try:
-        import psutil
-        cur = psutil.Process().memory_info().rss / 2**20
-    except Exception:  # noqa: BLE001
-        pass
-    return _r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 1024.0, cur
+    return peak_rss_mb(), _proc_status_mb("VmRSS") or float("nan")
 
 
 # --------------------------------------------------------------------------------------------- inputs

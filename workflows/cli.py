@@ -65,6 +65,12 @@ def cmd_evaluate(a):
     print(format_summary(summary))
 
 
+def cmd_report(a):
+    from deepmosaic.pipeline.report import make_report
+    index = make_report(a.store, out_dir=a.out, truth_path=a.truth, max_sep=a.max_sep)
+    print(f"report: {index}")
+
+
 def cmd_export(a):
     from deepmosaic.workflows.export import export_catalogs
     for path in export_catalogs(a.store, fmt=a.format, stages=a.stage, out_dir=a.out_dir, overwrite=a.overwrite):
@@ -146,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-sep", type=float, default=2.0, help="matching radius in pixels")
     e.set_defaults(fn=cmd_evaluate)
 
+    rp = sub.add_parser("report", help="write an HTML report (figures, cutouts, summary table) of a store's "
+                                       "evaluation")
+    rp.add_argument("store")
+    rp.add_argument("--out", default=None, metavar="DIR",
+                    help="folder for index.html and the figures (default: OUT_report beside OUT.zarr)")
+    rp.add_argument("--truth", default=None,
+                    help="truth file: evaluate the stages that have no report yet (and draw truth outlines)")
+    rp.add_argument("--max-sep", type=float, default=2.0, help="matching radius in pixels when evaluating")
+    rp.set_defaults(fn=cmd_report)
+
     x = sub.add_parser("export", help="write catalogs as FITS, Parquet or ECSV tables with units")
     x.add_argument("store")
     x.add_argument("--format", choices=("fits", "parquet", "ecsv"), default="fits")
@@ -163,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=2026)
     d.add_argument("--tile", type=int, default=512)
     d.add_argument("--workers", type=int, default=None)
-    d.add_argument("--stages", default="sep")
+    d.add_argument("--stages", default="sep,photutils")
     d.set_defaults(fn=cmd_demo)
     return p
 
