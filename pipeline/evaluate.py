@@ -33,7 +33,6 @@ import math
 import os
 
 import numpy as np
-import zarr
 
 from . import metrics
 from .errors import InputError, StoreError

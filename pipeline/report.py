@@ -371,7 +371,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.55em; text-align: right; }
 th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; font-weight: 600; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figure { margin: 0.8em 0; } figcaption { color: #555; font-size: 0.9em; }
-.meta { color: #555; font-size: 0.9em; } .note { color: #a33; }
+.meta { color: #555; font-size: 0.9em; } .note { color: #a33; } .scroll { overflow-x: auto; }
 """
 
 
@@ -388,8 +388,8 @@ def _summary_table(reports: dict) -> str:
         s = rep["attrs"]["summary"]
         cells = "".join(f"<td>{_fmt(s.get(k), kind)}</td>" for k, _, kind in _SUMMARY_COLUMNS)
         rows.append(f'<tr class="stage"><td>{html.escape(stage)}</td>{cells}</tr>')
-    return (f'<table class="summary"><thead><tr><th>stage</th>{head}</tr></thead>\n<tbody>\n'
-            + "\n".join(rows) + "\n</tbody></table>")
+    return (f'<div class="scroll"><table class="summary"><thead><tr><th>stage</th>{head}</tr></thead>\n<tbody>\n'
+            + "\n".join(rows) + "\n</tbody></table></div>")
 
 
 def _versus_table(reports: dict) -> str:
@@ -462,7 +462,7 @@ def make_report(store_path, out_dir=None, truth_path=None, max_sep=2.0, cutouts_
         if truth_seg is None:
             notes.append("the truth file has no SEGMAP: cutouts show no truth outlines and IoUs are undefined")
     elif tpath:
-        notes.append(f"the truth file {tpath!r} is no longer there: cutouts show no truth outlines")
+        notes.append(f"the truth file {tpath!r} does not exist: cutouts show no truth outlines")
     if missing:
         notes.append(f"stage(s) {missing} have catalogs but no evaluation; pass --truth to evaluate them")
 

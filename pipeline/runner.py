@@ -198,8 +198,9 @@ def _finish_stage(task, out, tile, grid, mask, wcs, store_path, part):
     cols["tile_row"] = np.full(n_owned, tile.row, np.int32)
     cols["tile_col"] = np.full(n_owned, tile.col, np.int32)
     if wcs is not None and n_owned:
-        ra, dec = wcs.all_pix2world(cols["x"], cols["y"], 0)  # 0-based pixel origin
-        cols["ra"], cols["dec"] = np.asarray(ra, np.float64), np.asarray(dec, np.float64)
+        # pixel_to_world uses 0-based pixels; .icrs converts galactic/ecliptic WCS frames
+        sky = wcs.pixel_to_world(cols["x"], cols["y"]).icrs
+        cols["ra"], cols["dec"] = np.asarray(sky.ra.deg, np.float64), np.asarray(sky.dec.deg, np.float64)
     else:
         cols["ra"] = np.full(n_owned, np.nan)
         cols["dec"] = np.full(n_owned, np.nan)

@@ -49,7 +49,8 @@ class SepConfig:
     back_filter_size: int = field(3, "Median filter size over background meshes.")
     back_filter_thresh: float = field(0.0, "Filter a mesh only if it differs from the median by this much.")
     kron_factor: float = field(2.5, "Kron factor k of the AUTO aperture (SExtractor PHOT_AUTOPARAMS[0]).")
-    kron_min_radius: float = field(3.5, "Minimum AUTO aperture radius in pixels (circular below it).")
+    kron_min_radius: float = field(3.5, "Minimum AUTO aperture radius in units of a, b "
+                                        "(SExtractor PHOT_AUTOPARAMS[1]).")
     aper_radius: float = field(5.0, "Radius of the fixed circular aperture for flux_aper, pixels.")
     gain: float | None = field(None, "Gain (e-/ADU) for the Poisson term of flux_err; None: background only.")
     pixstack: int = field(0, "Active-pixel buffer of sep.extract; 0 sizes it for the tile window.")
@@ -73,6 +74,7 @@ class SepConfig:
         require(self.back_filter_size >= 1 and self.back_filter_size % 2 == 1, w, "back_filter_size",
                 self.back_filter_size, "must be an odd number >= 1.")
         require(self.kron_factor > 0, w, "kron_factor", self.kron_factor, "must be > 0.")
+        require(self.kron_min_radius >= 0, w, "kron_min_radius", self.kron_min_radius, "must be >= 0.")
         require(self.aper_radius > 0, w, "aper_radius", self.aper_radius, "must be > 0 pixels.")
         require(self.gain is None or self.gain > 0, w, "gain", self.gain, "must be > 0 or None.")
         require(self.pixstack >= 0, w, "pixstack", self.pixstack, "must be >= 0 (0 = automatic).")
@@ -135,18 +137,20 @@ def photometry(data, mask, rms, x, y, a, b, theta, cfg, flags, at_mosaic_edge=(T
     b = np.maximum(b, 1e-3)
     theta = np.clip(theta, -np.pi / 2, np.pi / 2)
     kr, kflag = sep.kron_radius(data, x, y, a, b, theta, 6.0, mask=mask)
-    flux, ferr, fflag = sep.sum_ellipse(data, x, y, a, b, theta, cfg.kron_factor * kr, err=rms, mask=mask,
-                                        gain=cfg.gain, subpix=1)
-    # SExtractor: below the minimum radius use a circular aperture of that radius
-    small = (kr * np.sqrt(a * b) < cfg.kron_min_radius) | ~np.isfinite(kr) | (kr <= 0)
-    if small.any():
-        cf, ce, cfl = sep.sum_circle(data, x[small], y[small], cfg.kron_min_radius, err=rms, mask=mask,
-                                     gain=cfg.gain, subpix=1)
-        flux[small], ferr[small], fflag[small] = cf, ce, cfl
+    # SExtractor's AUTO aperture: k * r1 in units of (a, b), never below the minimum radius
+    r_aper = np.where(np.isfinite(kr) & (kr > 0), cfg.kron_factor * kr, 0.0)
+    r_aper = np.maximum(r_aper, cfg.kron_min_radius)
+    flux = np.zeros(n)
+    ferr = np.zeros(n)
+    fflag = np.zeros(n, np.int64)
+    ok = r_aper > 0
+    if ok.any():
+        flux[ok], ferr[ok], fflag[ok] = sep.sum_ellipse(data, x[ok], y[ok], a[ok], b[ok], theta[ok], r_aper[ok],
+                                                        err=rms, mask=mask, gain=cfg.gain, subpix=1)
     ap, _, aflag = sep.sum_circle(data, x, y, cfg.aper_radius, err=rms, mask=mask, gain=cfg.gain, subpix=5)
     flags |= kflag.astype(np.int64) | fflag.astype(np.int64) | aflag.astype(np.int64)
     # the Kron radius is measured within 6 a; the AUTO and fixed apertures must fit the window too
-    r = np.maximum(6.0, np.nan_to_num(cfg.kron_factor * kr))
+    r = np.maximum(6.0, r_aper)
     leaves = aperture_leaves_window(data.shape, x, y, a, b, theta, r, at_mosaic_edge)
     leaves |= aperture_leaves_window(data.shape, x, y, 1.0, 1.0, 0.0, cfg.aper_radius, at_mosaic_edge)
     flags[leaves] |= FLAG_TILE_TRUNCATED
