@@ -80,6 +80,13 @@ def _worker_env():
         os.environ.setdefault(k, "1")
 
 
+def _quiet_distributed():
+    """Dask's own INFO chatter (workers starting/stopping) would drown our log; keep its errors."""
+    for name in list(logging.root.manager.loggerDict):
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 @contextlib.contextmanager
 def executor(workers: int | None = None, scheduler: str | None = None, security=None):
     """Context manager yielding an executor.
@@ -93,6 +100,7 @@ def executor(workers: int | None = None, scheduler: str | None = None, security=
         return
     import dask
     from distributed import Client, LocalCluster
+    _quiet_distributed()
     if scheduler:
         client = Client(scheduler, security=security, timeout="30s")
         try:
