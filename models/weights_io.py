@@ -39,6 +39,17 @@ CARD_KEYS = ("training_set", "seed", "metrics", "description", "extra")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 #: suffixes of pickle-based files, which are never read
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
+#: where the default weights of every model stage ship (``models/weights/`` in the repository)
+WEIGHTS_DIR = str(Path(__file__).resolve().parent / "weights")
+
+
+def shipped(kind: str) -> Path:
+    """Path (without extension) of the shipped default weights for ``kind`` (clumps, deblend, detect)."""
+    base = Path(WEIGHTS_DIR) / kind
+    if not base.with_suffix(".safetensors").exists():
+        raise WeightsError(f"no shipped weights for {kind!r} in {WEIGHTS_DIR}; train them with "
+                           f"`deepmosaic train {kind} --ship` or name a weights file.")
+    return base
 
 
 class WeightsError(DeepmosaicError):
@@ -133,7 +144,9 @@ def save_model(model: torch.nn.Module, path_without_ext: str | os.PathLike, card
             t = t.to(target)
         tensors[key] = t.contiguous()
     tmp = st_path.with_name(st_path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "architecture": arch})
+    # one metadata key: safetensors writes a multi-key metadata map in hash order, which would make the
+    # file (and its sha256) differ between identical saves
+    save_file(tensors, str(tmp), metadata={"deepmosaic": json.dumps({"format": FORMAT, "architecture": arch})})
     os.replace(tmp, st_path)
 
     full = {

@@ -112,6 +112,32 @@ def cmd_demo(a):
           f"`deepmosaic export {store} --format fits`)")
 
 
+def cmd_train(a):
+    from deepmosaic.models.train import TrainConfig, train
+    from deepmosaic.pipeline.config import from_mapping
+    from deepmosaic.workflows.api import load_config_file
+    params = dict(load_config_file(a.config))
+    for kv in a.set or []:
+        k, sep_, v = kv.partition("=")
+        if not sep_:
+            raise DeepmosaicError(f"--set {kv!r}: expected PARAM=VALUE, e.g. --set epochs=5.")
+        params[k.strip()] = v.strip()
+    params["kind"] = a.kind
+    if a.device:
+        params["device"] = a.device
+    cfg = from_mapping(TrainConfig, params, where="train")
+    out = a.out or os.path.join("train_out", a.kind)
+    card = train(cfg, out, resume=a.resume)
+    print(f"trained {a.kind}: best validation {json.dumps(card['metrics'])}\n  weights: "
+          f"{os.path.join(out, a.kind)}.safetensors (+ .json model card)")
+    if a.ship:
+        import shutil
+        from deepmosaic.models.weights_io import WEIGHTS_DIR
+        for ext in (".safetensors", ".json"):
+            shutil.copy(os.path.join(out, a.kind + ext), os.path.join(WEIGHTS_DIR, a.kind + ext))
+        print(f"  shipped to {WEIGHTS_DIR}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepmosaic", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -169,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out-dir", default=None, help="folder for the tables (default: beside the store)")
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(fn=cmd_export)
+
+    tr = sub.add_parser("train", help="train a network on simulated data (clumps, deblend, detect)")
+    tr.add_argument("kind", choices=("clumps", "deblend", "detect"))
+    tr.add_argument("--config", default=None, help="YAML with train settings (see deepmosaic.models.train)")
+    tr.add_argument("--set", action="append", metavar="PARAM=VALUE", help="e.g. --set epochs=5")
+    tr.add_argument("--out", default=None, help="output folder (default train_out/KIND)")
+    tr.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    tr.add_argument("--resume", action="store_true", help="continue from the folder's checkpoint")
+    tr.add_argument("--ship", action="store_true", help="copy the result into models/weights/")
+    tr.set_defaults(fn=cmd_train)
 
     t = sub.add_parser("stages", help="list the stages and their parameters")
     t.set_defaults(fn=cmd_stages)
