@@ -35,3 +35,15 @@ def field_4096(tmp_path_factory):
     sim = simulate_mosaic(SimConfig(size=(3000, 4096), seed=11, plant_seams=512))
     image, truth = write_simulation(sim, d / "field.fits")
     return {"image": str(image), "truth": str(truth), "sim": sim, "dir": d}
+
+
+def simulated_run(folder: Path, size=(512, 512), seed=1, stages="sep,photutils", tile=256) -> dict:
+    """Simulate a field into ``folder``, run ``stages`` over it synchronously; paths of image, truth, store."""
+    from deepmosaic.pipeline.simulate import SimConfig, simulate_mosaic
+    from deepmosaic.pipeline.truth import write_simulation
+    from deepmosaic.workflows import run
+    sim = simulate_mosaic(SimConfig(size=size, seed=seed))
+    image, truth = write_simulation(sim, folder / "field.fits")
+    store = folder / "field.zarr"
+    run(str(image), str(store), stages=stages, tile=tile, workers=0)
+    return {"image": str(image), "truth": str(truth), "store": str(store), "dir": folder}

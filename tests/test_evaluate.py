@@ -17,19 +17,13 @@ from deepmosaic.pipeline.evaluate import (BASELINES, MATCH_COLUMNS, SUMMARY_KEYS
                                           format_summary, read_reports)
 from deepmosaic.pipeline.truth import read_truth
 
+from conftest import simulated_run
+
 
 @pytest.fixture(scope="module")
 def field(tmp_path_factory):
     """A 512^2 simulated field run through sep and photutils on 256 px tiles (about 4 s)."""
-    from deepmosaic.pipeline.simulate import SimConfig, simulate_mosaic
-    from deepmosaic.pipeline.truth import write_simulation
-    from deepmosaic.workflows import run
-    d = tmp_path_factory.mktemp("evalfield")
-    sim = simulate_mosaic(SimConfig(size=(512, 512), seed=1))
-    image, truth = write_simulation(sim, d / "field.fits")
-    store = d / "field.zarr"
-    run(str(image), str(store), stages="sep,photutils", tile=256, workers=0)
-    return {"image": str(image), "truth": str(truth), "store": str(store), "dir": d}
+    return simulated_run(tmp_path_factory.mktemp("evalfield"), seed=1)
 
 
 @pytest.fixture

@@ -18,26 +18,22 @@ from deepmosaic.pipeline.errors import StoreError
 from deepmosaic.pipeline.evaluate import evaluate_store
 from deepmosaic.pipeline.report import default_report_dir, make_report
 
+from conftest import simulated_run
+
 CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
 def field(tmp_path_factory):
     """A 512^2 simulated field run through sep and photutils, plus a fake third stage (a copy of sep)."""
-    from deepmosaic.pipeline.simulate import SimConfig, simulate_mosaic
-    from deepmosaic.pipeline.truth import write_simulation
-    from deepmosaic.workflows import run
-    d = tmp_path_factory.mktemp("reportfield")
-    sim = simulate_mosaic(SimConfig(size=(512, 512), seed=2))
-    image, truth = write_simulation(sim, d / "field.fits")
-    store = d / "field.zarr"
-    run(str(image), str(store), stages="sep,photutils", tile=256, workers=0)
+    f = simulated_run(tmp_path_factory.mktemp("reportfield"), seed=2)
+    store = f["store"]
     st.write_catalog(str(store), "copy_of_sep", st.read_catalog(str(store), "sep"), {})
     seg = zarr.open_array(f"{store}/maps/sep/segmentation", mode="r")[...]
     g = zarr.open_group(str(store), mode="r+")["maps"].require_group("copy_of_sep")
     a = g.create_array("segmentation", shape=seg.shape, dtype="int64", chunks=(256, 256), fill_value=0)
     a[...] = seg
-    return {"image": str(image), "truth": str(truth), "store": str(store), "dir": d}
+    return f
 
 
 class _Links(HTMLParser):
