@@ -186,6 +186,7 @@ def run_extract(data, mask, err, cfg, kernel, **overrides):
             if "deblending overflow" in msg or "sub-object" in msg:
                 notes.append("deblending overflow: extracted again without deblending, objects flagged")
                 params["deblend_cont"] = 1.0
+                params["deblend_nthresh"] = 1  # no sub-thresholds at all: the tree cannot overflow
                 extra = FLAG_BUFFER
                 continue
             raise
