@@ -147,6 +147,7 @@ def save_model(model: torch.nn.Module, path_without_ext: str | os.PathLike, card
     # one metadata key: safetensors writes a multi-key metadata map in hash order, which would make the
     # file (and its sha256) differ between identical saves
     save_file(tensors, str(tmp), metadata={"deepmosaic": json.dumps({"format": FORMAT, "architecture": arch})})
+    os.chmod(tmp, 0o644)  # readable by the group, like any other file of the repository
     os.replace(tmp, st_path)
 
     full = {

@@ -378,6 +378,7 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
         for task in tasks:
             parts = [st.read_part(out, t.index) for t in grid]
             cols = _concat_parts(task, parts)
+            _fill_links(out, task, cols)
             schema = {**task.columns, **_PIPELINE_COLUMNS}
             st.write_catalog(out, task.name, cols, schema)
             n_objects[task.name] = int(len(cols["id"]))
@@ -398,6 +399,19 @@ _PIPELINE_COLUMNS = {
     "ra": _Column("f8", "deg", "right ascension (ICRS) from the input WCS; NaN without one"),
     "dec": _Column("f8", "deg", "declination (ICRS) from the input WCS; NaN without one"),
 }
+
+
+def _fill_links(store_path, task, cols):
+    """Fill ``task.links`` columns from the stitched label maps at each object's pixel (-1 on sky)."""
+    n = len(cols["id"])
+    for column, (stage, name) in task.links.items():
+        if n == 0:
+            cols[column] = np.zeros(0, np.int64)
+            continue
+        ys = np.clip(np.floor(cols["y"] + 0.5).astype(np.int64), 0, None)
+        xs = np.clip(np.floor(cols["x"] + 0.5).astype(np.int64), 0, None)
+        ids = st.read_map_pixels(store_path, stage, name, ys, xs).astype(np.int64)
+        cols[column] = np.where(ids > 0, ids, -1)
 
 
 def _concat_parts(task, parts):

@@ -108,6 +108,10 @@ class Task:
     requires: ClassVar[tuple[str, ...]] = ()
     #: Dask resources this stage needs (e.g. {"GPU": 1}); none for CPU stages
     resources: ClassVar[Mapping[str, int]] = {}
+    #: catalog columns filled by the pipeline after stitching, from another stage's label map at the
+    #: object's pixel: ``{"host_id": ("sep", "segmentation")}`` gives the id of the sep object whose
+    #: footprint holds it (-1 on sky). Exact across seams, because it reads the stitched map.
+    links: ClassVar[Mapping[str, tuple[str, str]]] = {}
 
     def __init__(self, config: Any = None):
         from deepmosaic.pipeline.config import from_mapping
