@@ -301,6 +301,11 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"--stages={','.join(names)}: a stage is listed twice; list each once.")
+    for i, t in enumerate(tasks):
+        need = sorted({*t.requires, *(s for s, _ in t.links.values())} - set(names[:i]))
+        if need:
+            raise ConfigError(f"--stages={','.join(names)}: stage {t.name!r} needs {', '.join(need)} before it; "
+                              f"use --stages {','.join(need + [t.name])}.")
     bs = background_settings or {"back_size": 64, "filter_size": 3, "filter_thresh": 0.0}
     resolved = {"stages": {t.name: t.fingerprint() for t in tasks}, "tile": list(grid.core), "halo": halo,
                 "background": bs, **(run_config or {})}
@@ -378,7 +383,7 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
         for task in tasks:
             parts = [st.read_part(out, t.index) for t in grid]
             cols = _concat_parts(task, parts)
-            _fill_links(out, task, cols)
+            _fill_links(out, task, cols, grid.shape)
             schema = {**task.columns, **_PIPELINE_COLUMNS}
             st.write_catalog(out, task.name, cols, schema)
             n_objects[task.name] = int(len(cols["id"]))
@@ -401,15 +406,16 @@ _PIPELINE_COLUMNS = {
 }
 
 
-def _fill_links(store_path, task, cols):
+def _fill_links(store_path, task, cols, shape):
     """Fill ``task.links`` columns from the stitched label maps at each object's pixel (-1 on sky)."""
     n = len(cols["id"])
     for column, (stage, name) in task.links.items():
         if n == 0:
             cols[column] = np.zeros(0, np.int64)
             continue
-        ys = np.clip(np.floor(cols["y"] + 0.5).astype(np.int64), 0, None)
-        xs = np.clip(np.floor(cols["x"] + 0.5).astype(np.int64), 0, None)
+        # edge tiles own centroids up to half a pixel beyond the mosaic: clip onto the map
+        ys = np.clip(np.floor(cols["y"] + 0.5).astype(np.int64), 0, shape[0] - 1)
+        xs = np.clip(np.floor(cols["x"] + 0.5).astype(np.int64), 0, shape[1] - 1)
         ids = st.read_map_pixels(store_path, stage, name, ys, xs).astype(np.int64)
         cols[column] = np.where(ids > 0, ids, -1)
 

@@ -25,6 +25,12 @@ def _load_optional():
         STAGES.setdefault("photutils", PhotutilsTask)
     except ImportError:
         pass
+    try:
+        from .clumps_task import ClumpsSepTask, ClumpsTask
+        STAGES.setdefault("clumps", ClumpsTask)
+        STAGES.setdefault("clumps_sep", ClumpsSepTask)
+    except ImportError:
+        pass
 
 
 def get_task_class(name: str) -> type[Task]:
