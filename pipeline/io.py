@@ -33,6 +33,28 @@ def _fits(path: str):
     return _open_fits(path, os.path.getmtime(path))
 
 
+_BITPIX_DTYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+
+def _raw_window(path: str, hdu, key) -> np.ndarray:
+    """On-disk (unscaled) pixels of ``hdu`` at ``key``.
+
+    Plain image HDUs are read through a short-lived ``np.memmap`` of the data block: one strided copy
+    of the window, and the mapped pages are released when the map goes (astropy's ``section`` reads row
+    by row and leaves the file's pages in the worker's RSS). Compressed HDUs go through ``section``.
+    """
+    info = hdu.fileinfo()
+    bitpix = hdu.header.get("BITPIX")
+    if info is None or bitpix not in _BITPIX_DTYPES or hdu.header.get("ZIMAGE") or not hdu.is_image:
+        return np.asarray(hdu.section[key])
+    shape = tuple(int(hdu.header[f"NAXIS{i}"]) for i in range(hdu.header["NAXIS"], 0, -1))
+    mm = np.memmap(path, dtype=_BITPIX_DTYPES[bitpix], mode="r", offset=info["datLoc"], shape=shape)
+    try:
+        return np.array(mm[key])
+    finally:
+        del mm
+
+
 @functools.lru_cache(maxsize=16)
 def _open_zarr(path: str, mtime: float):
     import zarr
@@ -103,14 +125,14 @@ class MosaicSource:
         if self.kind == "fits":
             hdul = _fits(self.path)
             h = hdul[self.hdu]
-            img = h.section[(self.plane,) + sl] if self.plane is not None else h.section[sl]
+            img = _raw_window(self.path, h, (self.plane,) + sl if self.plane is not None else sl)
             var = msk = None
             if self.variance_hdu is not None:
                 hv = hdul[self.variance_hdu]
-                var = np.asarray(_physical(hv.header, np.asarray(hv.section[sl])), dtype=np.float32)
+                var = np.asarray(_physical(hv.header, _raw_window(self.path, hv, sl)), dtype=np.float32)
             if self.mask_hdu is not None:
                 hm = hdul[self.mask_hdu]
-                msk = _physical(hm.header, np.asarray(hm.section[sl]))
+                msk = _physical(hm.header, _raw_window(self.path, hm, sl))
         else:
             arr = _open_zarr(self.path, os.path.getmtime(self.path))
             img = arr[(self.plane,) + sl] if self.plane is not None else arr[sl]
@@ -123,8 +145,10 @@ class MosaicSource:
             image = raw.astype(np.float32)  # also converts big-endian to native order
         bad |= ~np.isfinite(image)
         if msk is not None:
-            msk = msk.astype(np.int64)
-            bad |= (msk & self.mask_bits) != 0 if self.mask_bits else msk != 0
+            if self.mask_bits:
+                bad |= (msk.astype(np.int64, copy=False) & self.mask_bits) != 0
+            else:
+                bad |= msk != 0
         if var is not None:
             bad |= ~np.isfinite(var) | (var <= 0)
             var = np.where(np.isfinite(var), var, 0).astype(np.float32)

@@ -130,13 +130,23 @@ def _pipeline_flags(labels, n, mask, tile, grid):
 
 def _seam_samples(labels, rows_foreign, cx, cy, tile):
     """For each foreign row: up to N_SEAM_SAMPLES footprint pixels outside the core, nearest its centroid."""
+    from scipy import ndimage
     cys, cxs = tile.core_in_window
     oy, ox = tile.origin
     out_ys, out_xs, ptr = [], [], [0]
-    outside = np.ones(labels.shape, bool)
-    outside[cys, cxs] = False
+    boxes = ndimage.find_objects(labels) if len(rows_foreign) else []
     for r in rows_foreign:
-        yy, xx = np.nonzero((labels == r + 1) & outside)
+        box = boxes[r] if r < len(boxes) else None
+        if box is None:
+            yy = xx = np.zeros(0, np.int64)
+        else:
+            sub = labels[box] == r + 1
+            inside = np.zeros(sub.shape, bool)  # the part of the box that lies in the core
+            iy = slice(max(cys.start - box[0].start, 0), max(min(cys.stop, box[0].stop) - box[0].start, 0))
+            ix = slice(max(cxs.start - box[1].start, 0), max(min(cxs.stop, box[1].stop) - box[1].start, 0))
+            inside[iy, ix] = True
+            yy, xx = np.nonzero(sub & ~inside)
+            yy, xx = yy + box[0].start, xx + box[1].start
         if len(yy) > N_SEAM_SAMPLES:
             d = (yy - (cy[r] - oy)) ** 2 + (xx - (cx[r] - ox)) ** 2
             keep = np.argsort(d, kind="stable")[:N_SEAM_SAMPLES]

@@ -40,8 +40,11 @@ def create_store(path: str, grid, map_specs: dict, attrs: dict):
     for stage, specs in map_specs.items():
         g = maps.create_group(stage)
         for name, spec in specs.items():
+            # float maps compress poorly with zstd and cost more to write than to compute: lz4 + shuffle
+            codec = {"compressors": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")} \
+                if np.dtype(spec.dtype).kind == "f" else {}
             arr = g.create_array(name, shape=grid.shape, chunks=grid.core, dtype=spec.dtype,
-                                 fill_value=spec.fill)
+                                 fill_value=spec.fill, **codec)
             arr.attrs.update({"description": spec.description, "kind": spec.kind})
     root.create_group("catalogs")
     root.create_group("reports")
