@@ -99,7 +99,7 @@ import sep
 from deepmosaic.pipeline.config import field, require
 
 from .base import Column, MapSpec, Task, TaskOutput, TileInput
-from .sep_task import SepConfig, make_kernel, run_extract
+from .sep_task import SepConfig, make_kernel, run_extract, validate_extract_params
 
 OBJ_MERGED = 1
 OBJ_TRUNC = 2
@@ -470,23 +470,11 @@ class ClumpsSepConfig:
 
     def validate(self):
         w = self.stage_name
-        require(self.halo >= 0, w, "halo", self.halo, "must be >= 0 pixels.")
-        require(self.thresh > 0, w, "thresh", self.thresh, "must be > 0 (units of the background RMS).")
-        require(self.minarea >= 1, w, "minarea", self.minarea, "must be >= 1 pixel.")
-        require(self.filter_type in ("matched", "conv"), w, "filter_type", self.filter_type,
-                "use 'matched' or 'conv'.")
-        try:
-            make_kernel(self.filter_kernel)
-        except ValueError:
-            require(False, w, "filter_kernel", self.filter_kernel,
-                    "use 'gauss:FWHM' (e.g. gauss:3.5), 'default', 'none' or 'tophat:R'.")
+        validate_extract_params(self)
         require(1 <= self.deblend_nthresh <= 64, w, "deblend_nthresh", self.deblend_nthresh,
                 "must be in [1, 64].")
-        require(0 <= self.deblend_cont <= 1, w, "deblend_cont", self.deblend_cont, "must be in [0, 1].")
         require(self.aper_radius > 0, w, "aper_radius", self.aper_radius, "must be > 0 pixels.")
         _check_annulus(w, self.local_annulus)
-        require(self.pixstack >= 0, w, "pixstack", self.pixstack, "must be >= 0 (0 = automatic).")
-        require(self.sub_object_limit >= 1, w, "sub_object_limit", self.sub_object_limit, "must be >= 1.")
 
 
 def parents_of(child_seg, parent_seg, n_children):

@@ -31,6 +31,23 @@ def make_kernel(spec: str) -> np.ndarray | None:
     return ((xx ** 2 + yy ** 2) <= size ** 2).astype(np.float32)
 
 
+def validate_extract_params(cfg) -> None:
+    """Checks shared by every config that drives ``run_extract`` (sep, clumps_sep)."""
+    w = cfg.stage_name
+    require(cfg.halo >= 0, w, "halo", cfg.halo, "must be >= 0 pixels.")
+    require(cfg.thresh > 0, w, "thresh", cfg.thresh, "must be > 0 (units of the background RMS).")
+    require(cfg.minarea >= 1, w, "minarea", cfg.minarea, "must be >= 1 pixel.")
+    require(cfg.filter_type in ("matched", "conv"), w, "filter_type", cfg.filter_type, "use 'matched' or 'conv'.")
+    try:
+        make_kernel(cfg.filter_kernel)
+    except ValueError:
+        require(False, w, "filter_kernel", cfg.filter_kernel,
+                "use 'default', 'none', 'gauss:FWHM' (e.g. gauss:3.0) or 'tophat:R'.")
+    require(0 <= cfg.deblend_cont <= 1, w, "deblend_cont", cfg.deblend_cont, "must be in [0, 1].")
+    require(cfg.pixstack >= 0, w, "pixstack", cfg.pixstack, "must be >= 0 (0 = automatic).")
+    require(cfg.sub_object_limit >= 1, w, "sub_object_limit", cfg.sub_object_limit, "must be >= 1.")
+
+
 @dataclass(frozen=True)
 class SepConfig:
     """Settings of the ``sep`` stage; detection parameters keep sep.extract's own names."""
@@ -58,18 +75,8 @@ class SepConfig:
 
     def validate(self):
         w = self.stage_name
-        require(self.halo >= 0, w, "halo", self.halo, "must be >= 0 pixels.")
-        require(self.thresh > 0, w, "thresh", self.thresh, "must be > 0 (units of the background RMS).")
-        require(self.minarea >= 1, w, "minarea", self.minarea, "must be >= 1 pixel.")
-        require(self.filter_type in ("matched", "conv"), w, "filter_type", self.filter_type,
-                "use 'matched' or 'conv'.")
-        try:
-            make_kernel(self.filter_kernel)
-        except ValueError:
-            require(False, w, "filter_kernel", self.filter_kernel,
-                    "use 'default', 'none', 'gauss:FWHM' (e.g. gauss:3.0) or 'tophat:R'.")
+        validate_extract_params(self)
         require(self.deblend_nthresh >= 1, w, "deblend_nthresh", self.deblend_nthresh, "must be >= 1.")
-        require(0 <= self.deblend_cont <= 1, w, "deblend_cont", self.deblend_cont, "must be in [0, 1].")
         require(self.back_size >= 8, w, "back_size", self.back_size, "must be >= 8 pixels (64 is typical).")
         require(self.back_filter_size >= 1 and self.back_filter_size % 2 == 1, w, "back_filter_size",
                 self.back_filter_size, "must be an odd number >= 1.")
@@ -77,8 +84,6 @@ class SepConfig:
         require(self.kron_min_radius >= 0, w, "kron_min_radius", self.kron_min_radius, "must be >= 0.")
         require(self.aper_radius > 0, w, "aper_radius", self.aper_radius, "must be > 0 pixels.")
         require(self.gain is None or self.gain > 0, w, "gain", self.gain, "must be > 0 or None.")
-        require(self.pixstack >= 0, w, "pixstack", self.pixstack, "must be >= 0 (0 = automatic).")
-        require(self.sub_object_limit >= 1, w, "sub_object_limit", self.sub_object_limit, "must be >= 1.")
 
 
 SOURCE_COLUMNS = {
