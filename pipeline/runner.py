@@ -117,11 +117,9 @@ def _pipeline_flags(labels, n, mask, tile, grid):
     masked = np.bincount(labels[mask].ravel(), minlength=n + 1)[: n + 1] > 0
     flags[masked] |= FLAG_MASKED
     wy0, wy1, wx0, wx1 = tile.window
-    edges = {
-        "top": (labels[0, :], wy0 == 0), "bottom": (labels[-1, :], wy1 == grid.shape[0]),
-        "left": (labels[:, 0], wx0 == 0), "right": (labels[:, -1], wx1 == grid.shape[1]),
-    }
-    for _, (line, is_mosaic_edge) in edges.items():
+    edges = ((labels[0, :], wy0 == 0), (labels[-1, :], wy1 == grid.shape[0]),
+             (labels[:, 0], wx0 == 0), (labels[:, -1], wx1 == grid.shape[1]))
+    for line, is_mosaic_edge in edges:
         ids = np.unique(line[line > 0])
         flags[ids] |= FLAG_MOSAIC_EDGE if is_mosaic_edge else FLAG_TILE_TRUNCATED
     flags[0] = 0
@@ -431,7 +429,6 @@ def _fill_links(store_path, task, cols, shape):
 
 
 def _concat_parts(task, parts):
-    keys = None
     chunks: dict[str, list] = {}
     for p in parts:
         if p is None:
@@ -439,7 +436,6 @@ def _concat_parts(task, parts):
         mine = [k for k in p if k.startswith(task.name + "/") and "/_seam/" not in k]
         for k in mine:
             chunks.setdefault(k.split("/", 1)[1], []).append(p[k])
-        keys = keys or [k.split("/", 1)[1] for k in mine]
     order = ["id", "x", "y"] + [c for c in task.columns if c not in ("x", "y", "flags")] + \
         ["flags", "tile_row", "tile_col", "ra", "dec"]
     out = {}

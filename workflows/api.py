@@ -101,7 +101,8 @@ def run(input, out, stages=None, tile=None, set=None, config=None, workers=None,
     if isinstance(config, (str, os.PathLike)):
         config = load_config_file(os.fspath(config))
     stage_names, params, tile, extra = resolve(stages, set, config, tile)
-    workers = extra.get("workers", workers) if workers is None else workers
+    if workers is None:
+        workers = extra.get("workers")
     scheduler = scheduler or extra.get("scheduler")
     hdu = hdu if hdu is not None else extra.get("hdu")
     truth = truth or extra.get("truth")
