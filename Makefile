@@ -28,5 +28,12 @@ test-all: venv
 bench: venv
 	$(BIN)/python benchmarks/bench_sep_tiling.py
 
+# A single-node Slurm for the `slurm` tests (installs it if missing; root, Debian): up is idempotent.
+slurm-up:
+	.ci/slurm-up.sh
+
+slurm-down:
+	.ci/slurm-down.sh
+
 clean:
 	rm -rf demo_out .pytest_cache .hypothesis
