@@ -10,7 +10,10 @@ What it measures (all on the same simulated FITS mosaic, default 8192 x 8192):
    filter, deblend 32/0.005, clean) and the same Kron/aperture photometry (``tasks.sep_task.photometry``);
 3. the tiled run ``deepmosaic.workflows.run(image, store, tile=1024, workers=2)``: end to end with its
    own cluster (start-up and shutdown included), then on a cluster started beforehand (first run on it,
-   then a warm second run), with a per-pass breakdown of the warm run;
+   then a warm second run), with a per-pass breakdown of the warm run; then, on the same cluster and
+   serially in this process, ``sep.extract`` on the tiles *alone* (workers read their own windows, the
+   whole-image background model is given, ownership by centroid; no photometry, maps, seams or store):
+   FIELD.md's measurement, which isolates what tiling gives sep from what the pipeline adds;
 4. throughput (Mpix/s) of each, the ratios tiled / whole, and the catalog agreement (fraction of the
    whole-image objects that the tiled catalog has within 1e-3 px);
 5. peak RSS of each Dask worker and of the client at two mosaic sizes (and one larger tile), each in a
@@ -267,6 +270,7 @@ def whole_image(path: str) -> dict:
     t["photometry"] = t5 - t4
     t["total"] = t5 - t0
     return {"shape": (ny, nx), "t": t, "n": int(len(objs)), "notes": notes, "global_rms": bkg.global_rms,
+            "background": bkg,
             "x": np.asarray(objs["x"], float), "y": np.asarray(objs["y"], float),
             "flux": np.asarray(phot["flux"], float)}
 
@@ -372,7 +376,7 @@ def match_fraction(xw, yw, xt, yt, tol=MATCH_TOL):
     return ok.mean(), n_unique, idx
 
 
-def tiled_benchmark(path: str, workdir: str, tile: int, workers: int, repeat: int = 1):
+def tiled_benchmark(path: str, workdir: str, tile: int, workers: int, repeat: int = 1, background=None):
     from deepmosaic.pipeline.execute import executor
     from deepmosaic.workflows.api import run
     store = os.path.join(workdir, "tiled.zarr")
@@ -415,12 +419,68 @@ def tiled_benchmark(path: str, workdir: str, tile: int, workers: int, repeat: in
             if wall <= min(out["warm_all"]):
                 out.update(warm=wall, warm_pipeline=res.seconds, warm_passes=timed.passes,
                            warm_client=(dict(tm.t), dict(tm.n)), warm_cpu=cw)
+        if background is not None:
+            out["bare"] = bare_tiled_extract(ex, path, tile, background, repeat)
     finally:
         t0 = time.perf_counter()
         cm.__exit__(None, None, None)
         out["cluster_stop"] = time.perf_counter() - t0
     out["catalog"] = read_tiled_catalog(store)
     out["store"] = store
+    return out
+
+
+# ------------------------------------------------------------------------- bare tiled extraction
+
+def _bare_extract(source, background, tile):
+    """Worker side: read this tile's window, subtract the given global background, sep.extract, keep the
+    objects whose centroid lies in the core. No photometry, maps, seams or store: the extraction alone."""
+    from deepmosaic.tasks.sep_task import SepConfig, make_kernel, run_extract
+    cfg = SepConfig()
+    image, mask, _ = source.read_window(tile.window)
+    back, _rms = background.evaluate(tile.window)
+    data = image - back
+    data[mask] = 0.0
+    objs, _seg, _extra, _notes = run_extract(data, mask, background.global_rms, cfg, make_kernel(cfg.filter_kernel))
+    oy, ox = tile.origin
+    x, y = np.asarray(objs["x"], float) + ox, np.asarray(objs["y"], float) + oy
+    keep = tile.owns(y, x)
+    return x[keep], y[keep]
+
+
+def bare_tiled_extract(ex, path: str, tile_size: int, background, repeat: int = 1) -> dict:
+    """sep.extract on the tiles alone (FIELD.md's measurement), on ``ex`` and serially in this process.
+
+    Same windows and ownership rule as the pipeline, same global background model as the whole-image call;
+    what the full pipeline adds on top (background pass, photometry, maps, seams, catalogs) is left out, so the
+    gap between this and the pipeline's figure is the pipeline's own overhead."""
+    from deepmosaic.pipeline.io import open_mosaic
+    from deepmosaic.pipeline.tiling import TileGrid
+    from deepmosaic.tasks.sep_task import SepConfig
+    source = open_mosaic(path).detection
+    grid = TileGrid(source.shape, tile_size, SepConfig().halo)
+    args = [(source, background, t) for t in grid]
+    out = {"n_tiles": len(args)}
+
+    def collect(results):
+        xs, ys = zip(*results) if results else ((), ())
+        return np.concatenate(xs or [np.zeros(0)]), np.concatenate(ys or [np.zeros(0)])
+
+    list(ex.map_unordered(_bare_extract, args[:2]))  # warm the workers' imports
+    best = None
+    for _ in range(max(repeat, 1)):
+        wait_quiet("bare tiled extraction on the cluster")
+        t0 = time.perf_counter()
+        res = [r for _, r in ex.map_unordered(_bare_extract, args)]
+        dt = time.perf_counter() - t0
+        best = dt if best is None else min(best, dt)
+    out["cluster"] = best
+    out["x"], out["y"] = collect(res)
+    wait_quiet("bare tiled extraction, serial")
+    t0 = time.perf_counter()
+    for a in args:
+        _bare_extract(*a)
+    out["serial"] = time.perf_counter() - t0
     return out
 
 
@@ -736,7 +796,7 @@ def main(argv=None):
 
         # 3. tiled ----------------------------------------------------------------------------------
         say(f"[tiled] run(tile={tile}, workers={workers}) ...")
-        R = tiled_benchmark(path, workdir, tile, workers, args.repeat)
+        R = tiled_benchmark(path, workdir, tile, workers, args.repeat, background=W["background"])
         say(f"[tiled]   end to end, own cluster (start + run + shutdown) {R['cold']:7.2f} s "
             f"(RunResult.seconds {R['cold_pipeline']:.2f}) {R['cold_cpu'].note()}")
         say(f"[tiled]   cluster start-up                                 {R['cluster_start']:7.2f} s")
@@ -761,6 +821,10 @@ def main(argv=None):
                  "extract + photometry": t["sep.extract"] + t["photometry"],
                  "full (read+bkg+extract+phot)": t["total"]}
         tiled = {"tiled, end to end incl. cluster start": R["cold"], "tiled, warm cluster": R["warm"]}
+        bare = R.get("bare")
+        if bare:
+            tiled[f"tiles, sep.extract alone, {workers} workers"] = bare["cluster"]
+            tiled["tiles, sep.extract alone, serial"] = bare["serial"]
         say()
         say(f"== throughput on {size}x{size} ({mpix:.1f} Mpix) ==")
         for k, v in whole.items():
@@ -776,6 +840,13 @@ def main(argv=None):
         n_t = len(cat["x"])
         ok = idx >= 0
         dflux = np.abs(cat["flux"][idx[ok]] - W["flux"][ok]) / np.maximum(np.abs(W["flux"][ok]), 1e-30)
+        if bare:
+            say("  ('tiles, sep.extract alone': workers read their own windows, the whole-image background model is "
+                "given, sep.extract, ownership by centroid; no photometry, maps, seams or store. Its first column "
+                "is FIELD.md's measurement; the full tiled pipeline is the 'tiled' rows.)")
+            bf, bn, _ = match_fraction(W["x"], W["y"], bare["x"], bare["y"])
+            say(f"  tiles alone: {len(bare['x'])} objects, {bf * 100:.2f}% of the whole-image objects matched "
+                f"within {MATCH_TOL:g} px")
         say(f"== catalog agreement (within {MATCH_TOL:g} px) ==")
         say(f"  whole {W['n']} objects, tiled {n_t}; matched {ok.sum()} = {frac * 100:.2f}% of whole "
             f"({n_unique} distinct tiled objects, {n_unique / max(n_t, 1) * 100:.2f}% of tiled)")
