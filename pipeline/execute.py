@@ -47,18 +47,49 @@ class SyncExecutor:
     description = "synchronous (in-process)"
     dashboard = None
 
+    def routes(self, resources) -> bool:
+        """Whether calls needing ``resources`` go to dedicated workers (never, in-process)."""
+        return False
+
     def map_unordered(self, fn, args_list, resources=None):
         for i, args in enumerate(args_list):
             yield i, fn(*args)
 
+    def map_chain(self, fn, args_list, steps):
+        """``fn(*args, **kw, state=previous result)`` for each step ``(kw, resources)``; yields the last."""
+        for i, args in enumerate(args_list):
+            state = None
+            for kw, _ in steps:
+                state = fn(*args, **kw, state=state)
+            yield i, state
+
 
 class DaskExecutor:
-    """Submits calls to a distributed Client and yields results as they complete."""
+    """Submits calls to a distributed Client and yields results as they complete.
 
-    def __init__(self, client, description: str):
+    declared_resources : Dask worker resources (e.g. ``{"GPU"}``) that workers of this cluster will have
+        even if none has started yet (batch-scheduler clusters); otherwise the running workers tell.
+    """
+
+    def __init__(self, client, description: str, declared_resources=()):
         self.client = client
         self.description = description
         self.dashboard = getattr(client, "dashboard_link", None)
+        self.declared_resources = set(declared_resources)
+
+    def routes(self, resources) -> bool:
+        """Whether some worker declares every resource in ``resources``: then calls that need them are
+        restricted to such workers. On a cluster where none does (CPU only), they run anywhere."""
+        if not resources:
+            return False
+        have = set(self.declared_resources)
+        for w in self.client.scheduler_info(n_workers=-1).get("workers", {}).values():
+            if all(w.get("resources", {}).get(r, 0) >= n for r, n in resources.items()):
+                return True
+        return set(resources) <= have
+
+    def _submit(self, fn, *args, resources=None, **kw):
+        return self.client.submit(fn, *args, pure=False, resources=dict(resources) if resources else None, **kw)
 
     def map_unordered(self, fn, args_list, resources=None):
         from distributed import as_completed
@@ -66,12 +97,32 @@ class DaskExecutor:
             return
         futures = {}
         for i, args in enumerate(args_list):
-            f = self.client.submit(fn, *args, pure=False, resources=resources or None)
-            futures[f] = i
+            futures[self._submit(fn, *args, resources=resources)] = i
         for fut in as_completed(list(futures)):
             i = futures[fut]
             yield i, fut.result()
             fut.release()
+
+    def map_chain(self, fn, args_list, steps):
+        """For each ``args``: ``fn(*args, **kw, state=...)`` once per step ``(kw, resources)``, each step
+        fed the previous one's result on the workers (it never comes back here) and restricted to workers
+        with that step's resources. Yields ``(i, result of the last step)`` as chains complete."""
+        from distributed import as_completed
+        if not args_list:
+            return
+        import uuid
+        last, held = {}, {}
+        for i, args in enumerate(args_list):
+            fut, chain = None, []
+            for j, (kw, resources) in enumerate(steps):  # keys say the step (dashboard, task stream)
+                fut = self._submit(fn, *args, **kw, state=fut, resources=resources,
+                                   key=f"{fn.__name__}-part{j}-{uuid.uuid4().hex}")
+                chain.append(fut)
+            last[fut], held[fut] = i, chain
+        for fut in as_completed(list(last)):
+            yield last[fut], fut.result()
+            for f in held.pop(fut):
+                f.release()
 
 
 def _worker_env():

@@ -217,38 +217,69 @@ def _finish_stage(task, out, tile, grid, mask, wcs, store_path, part):
     return n_owned, n_foreign
 
 
-def process_tile(store_path, mosaic, tasks, background, grid, tile):
-    """Run every stage on one tile (worker side). Returns a small summary dict, never pixels."""
+def process_tile(store_path, mosaic, tasks, background, grid, tile, stages=None, state=None):
+    """Run the stages on one tile (worker side). Returns a small summary dict, never pixels.
+
+    stages : ``(start, stop)``: run only ``tasks[start:stop]`` (default all). A part that is not the last
+        returns its state (the tile input with the upstream outputs, the catalog part so far) for the next
+        part, which gets it as ``state``: so stages with different Dask resources (a model stage on a GPU
+        worker after sep on a CPU worker) run on different workers, the state passing between them.
+    """
     from deepmosaic.tasks.base import TileInput
+    start, stop = stages or (0, len(tasks))
+    if state is not None and "ti" not in state:
+        return state  # an earlier part finished the tile (no work) or failed
     t0 = time.perf_counter()
+    spent = state["seconds"] if state else 0.0
     try:
-        source = mosaic.detection
-        image, mask, variance = source.read_window(tile.window)
-        part = {}
-        if mask.all():
-            for task in tasks:
-                empty = task.empty_output(image.shape)
-                _finish_stage(task, empty, tile, grid, mask, None, store_path, part)
-            st.write_part(store_path, tile.index, part)
-            return {"tile": tile.index, "status": st.STATUS_NO_WORK, "n": {}, "seconds": time.perf_counter() - t0}
-        back, rms = background.evaluate(tile.window)
-        wy0, wy1, wx0, wx1 = tile.window
-        ti = TileInput(image=image, background=back, rms=rms, global_rms=background.global_rms, mask=mask,
-                       variance=variance, origin=tile.origin, core=tile.core_in_window,
-                       at_mosaic_edge=(wy0 == 0, wy1 == grid.shape[0], wx0 == 0, wx1 == grid.shape[1]))
-        wcs = source.wcs()
-        counts, notes = {}, []
-        for task in tasks:
+        if state is None:
+            source = mosaic.detection
+            image, mask, variance = source.read_window(tile.window)
+            part, counts, notes = {}, {}, []
+            if mask.all():
+                for task in tasks:
+                    empty = task.empty_output(image.shape)
+                    _finish_stage(task, empty, tile, grid, mask, None, store_path, part)
+                st.write_part(store_path, tile.index, part)
+                return {"tile": tile.index, "status": st.STATUS_NO_WORK, "n": {}, "seconds": time.perf_counter() - t0}
+            back, rms = background.evaluate(tile.window)
+            wy0, wy1, wx0, wx1 = tile.window
+            ti = TileInput(image=image, background=back, rms=rms, global_rms=background.global_rms, mask=mask,
+                           variance=variance, origin=tile.origin, core=tile.core_in_window,
+                           at_mosaic_edge=(wy0 == 0, wy1 == grid.shape[0], wx0 == 0, wx1 == grid.shape[1]))
+        else:
+            ti, part, counts, notes = state["ti"], state["part"], state["n"], state["notes"]
+        wcs = mosaic.detection.wcs()
+        for task in tasks[start:stop]:
             out = task.run(ti)
             ti.upstream[task.name] = out
-            counts[task.name] = _finish_stage(task, out, tile, grid, mask, wcs, store_path, part)
+            counts[task.name] = _finish_stage(task, out, tile, grid, ti.mask, wcs, store_path, part)
             notes += [f"{task.name}: {m}" for m in out.notes]
+        seconds = spent + time.perf_counter() - t0
+        if stop < len(tasks):
+            return {"tile": tile.index, "ti": ti, "part": part, "n": counts, "notes": notes, "seconds": seconds}
         st.write_part(store_path, tile.index, part)
-        return {"tile": tile.index, "status": st.STATUS_DONE, "n": counts, "notes": notes,
-                "seconds": time.perf_counter() - t0}
+        return {"tile": tile.index, "status": st.STATUS_DONE, "n": counts, "notes": notes, "seconds": seconds}
     except Exception as e:
         return {"tile": tile.index, "status": st.STATUS_FAILED, "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(), "seconds": time.perf_counter() - t0}
+                "traceback": traceback.format_exc(), "seconds": spent + time.perf_counter() - t0}
+
+
+def stage_parts(tasks, ex) -> list[tuple[tuple[int, int], dict]]:
+    """Consecutive runs of stages that need the same Dask resources, as ``((start, stop), resources)``.
+
+    A stage's resources (``Task.resources``, e.g. ``{"GPU": 1}``) count only where some worker of the
+    executor declares them; on a CPU-only cluster every stage runs anywhere, in one part.
+    """
+    routes = getattr(ex, "routes", lambda resources: False)  # wrappers that only map (benchmarks)
+    parts: list[tuple[tuple[int, int], dict]] = []
+    for i, task in enumerate(tasks):
+        res = dict(task.resources) if routes(task.resources) else {}
+        if parts and parts[-1][1] == res:
+            parts[-1] = ((parts[-1][0][0], i + 1), res)
+        else:
+            parts.append(((i, i + 1), res))
+    return parts or [((0, 0), {})]
 
 
 # ----------------------------------------------------------------------------------------------- pass 2
@@ -310,7 +341,7 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
     if len(set(names)) != len(names):
         raise ConfigError(f"--stages={','.join(names)}: a stage is listed twice; list each once.")
     for i, t in enumerate(tasks):
-        need = sorted({*t.requires, *(s for s, _ in t.links.values())} - set(names[:i]))
+        need = sorted({*t.requires, *(s for s, _ in t.links.values())} - set(names[:i + 1]))  # own maps may be linked
         if need:
             raise ConfigError(f"--stages={','.join(names)}: stage {t.name!r} needs {', '.join(need)} before it; "
                               f"use --stages {','.join(need + [t.name])}.")
@@ -357,7 +388,10 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
     failures = []
     bar = _progress(len(todo), "tiles")
     args = [(out, mosaic, tuple(tasks), background, grid, t) for t in todo]
-    for i, res in ex.map_unordered(process_tile, args):
+    parts = stage_parts(tasks, ex)
+    results = ex.map_unordered(process_tile, args, resources=parts[0][1]) if len(parts) == 1 else \
+        ex.map_chain(process_tile, args, [({"stages": span}, res) for span, res in parts])
+    for i, res in results:
         t = todo[i]
         st.set_status(out, "status", t.row, t.col, res["status"])
         if res["status"] == st.STATUS_FAILED:

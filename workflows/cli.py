@@ -27,6 +27,8 @@ def cmd_simulate(a):
     params = {"size": tuple(a.size), "seed": a.seed, "density": a.density}
     if a.plant_seams:
         params["plant_seams"] = a.plant_seams
+    if a.clumps:
+        params["clumpy_density"] = a.clumps
     for kv in a.set or []:
         k, _, v = kv.partition("=")
         params[k] = v
@@ -150,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--density", type=float, default=300.0, metavar="PER_MPIX")
     s.add_argument("--plant-seams", type=int, default=None, metavar="TILE",
                    help="plant objects on every seam and corner of a TILE-pixel grid")
+    s.add_argument("--clumps", type=float, default=0.0, metavar="PER_MPIX",
+                   help="add clumpy disk galaxies (per Mpix); their clumps go to the truth's CLUMPS table")
     s.add_argument("--set", action="append", metavar="PARAM=VALUE", help="any other SimConfig field")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_simulate)
@@ -197,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=cmd_export)
 
     tr = sub.add_parser("train", help="train a network on simulated data (clumps, deblend, detect)")
-    tr.add_argument("kind", choices=("clumps", "deblend", "detect"))
+    tr.add_argument("kind", choices=("clumps", "deblend", "detect", "morphology"))
     tr.add_argument("--config", default=None, help="YAML with train settings (see deepmosaic.models.train)")
     tr.add_argument("--set", action="append", metavar="PARAM=VALUE", help="e.g. --set epochs=5")
     tr.add_argument("--out", default=None, help="output folder (default train_out/KIND)")
@@ -205,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the folder's checkpoint")
     tr.add_argument("--ship", action="store_true", help="copy the result into models/weights/")
     tr.set_defaults(fn=cmd_train)
+
+    from deepmosaic.workflows.workflow_cli import add_parser as add_workflow_parser
+    add_workflow_parser(sub)
 
     t = sub.add_parser("stages", help="list the stages and their parameters")
     t.set_defaults(fn=cmd_stages)

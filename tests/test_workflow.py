@@ -1,0 +1,197 @@
+"""Workflow files (schema, safe YAML, paths kept inside the output) and nightly reprocessing (run keys,
+idempotence, changed config or input, interrupted night, a corrupt input among good ones)."""
+import importlib.resources
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from deepmosaic.pipeline.errors import ConfigError
+from deepmosaic.pipeline.execute import SyncExecutor
+from deepmosaic.pipeline.simulate import SimConfig, simulate_mosaic
+from deepmosaic.pipeline.store import read_catalog
+from deepmosaic.pipeline.truth import write_simulation
+from deepmosaic.workflows.nightly import read_index, run_workflow
+from deepmosaic.workflows.spec import load_workflow, parse_workflow
+
+SIZE, TILE = (384, 384), 128  # 9 tiles per input
+
+
+def _write_inputs(folder, seeds):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in seeds:
+        img, _ = write_simulation(simulate_mosaic(SimConfig(size=SIZE, seed=s)), folder / f"m{s}.fits",
+                                  overwrite=True)
+        paths.append(str(img))
+    return paths
+
+
+def _workflow(tmp_path, **changes):
+    data = {"inputs": ["incoming/m*[0-9].fits"], "output": "out", "tile": TILE, "stages": {"sep": {}},
+            "cluster": {"kind": "local", "workers": 0}, **changes}
+    f = tmp_path / "wf.yaml"
+    f.write_text(yaml.safe_dump(data))
+    return load_workflow(str(f))
+
+
+def _same_store(a, b):
+    ca, cb = read_catalog(a, "sep"), read_catalog(b, "sep")
+    assert list(ca) == list(cb)
+    for k in ca:
+        np.testing.assert_array_equal(ca[k], cb[k], err_msg=k)
+    np.testing.assert_array_equal(zarr.open_array(f"{a}/maps/sep/segmentation")[...],
+                                  zarr.open_array(f"{b}/maps/sep/segmentation")[...])
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+def test_shipped_workflows_validate():
+    files = [f for f in importlib.resources.files("deepmosaic.workflows").iterdir() if f.name.endswith(".yaml")]
+    assert {f.name for f in files} >= {"nightly.yaml", "slurm.yaml", "gpu.yaml"}
+    kinds = {}
+    for f in files:
+        wf = load_workflow(str(f))
+        kinds[f.name] = (wf.cluster.kind, wf.cluster.gpus, wf.cluster.use_tls)
+    assert kinds["slurm.yaml"][0] == "slurm" and kinds["slurm.yaml"][2] is True
+    assert kinds["gpu.yaml"][1] >= 1
+    assert kinds["nightly.yaml"] == ("local", 0, False)
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"inptus": ["a.fits"]}, ["'inptus'", "inputs", "Valid keys"]),
+    ({"cluster": {"kind": "slurm", "queu": "debug"}}, ["'queu'", "queue", "walltime"]),
+    ({"cluster": "pbs"}, ["cluster.kind='pbs'", "slurm"]),
+    ({"stages": {"sep": {"thresold": 2}}}, ["'thresold'", "thresh"]),
+    ({"stages": ["sep", "nosuchstage"]}, ["nosuchstage"]),
+    ({"cluster": {"kind": "local", "local_directory": "../elsewhere"}}, ["outside the output location"]),
+    ({"cluster": {"kind": "slurm", "log_directory": "/tmp/logs"}}, ["absolute path"]),
+    ({"cluster": {"kind": "slurm", "tls_cert": "c.pem"}}, ["tls_ca_file, tls_cert and tls_key together"]),
+    ({"cluster": {"kind": "slurm", "walltime": "90 minutes"}}, ["walltime", "HH:MM:SS"]),
+    ({"truth": "{name}_truth.fits"}, ["{stem}"]),
+])
+def test_invalid_workflows_are_refused_naming_the_key(tmp_path, data, words):
+    base = {"inputs": ["a.fits"], "output": "out"}
+    with pytest.raises(ConfigError) as e:
+        parse_workflow({**base, **data}, path=str(tmp_path / "wf.yaml"))
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_workflow_yaml_is_read_safely(tmp_path):
+    f = tmp_path / "evil.yaml"
+    f.write_text("inputs: !!python/object/apply:os.system ['touch pwned']\noutput: out\n")
+    with pytest.raises(ConfigError, match="safe"):
+        load_workflow(str(f))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_store_names_stay_inside_the_output(tmp_path):
+    for rel in ("a/x.fits", "b/..y.fits", "b/we ird;rm.fits"):  # globs skip hidden files: ..y named
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    wf = parse_workflow({"inputs": ["a/x.fits", "b/*.fits", "b/..y.fits"], "output": "out"}, path=str(tmp_path / "w.yaml"))
+    stores = [wf.store_path(p) for p in wf.inputs]
+    assert all(os.path.dirname(s) == str(tmp_path / "out") for s in stores)
+    assert sorted(os.path.basename(s) for s in stores) == ["we_ird_rm.zarr", "x.zarr", "y.zarr"]
+    (tmp_path / "b" / "x.fits").write_bytes(b"")
+    with pytest.raises(ConfigError, match="share the store"):
+        parse_workflow({"inputs": ["a/x.fits", "b/x.fits"], "output": "out"}, path=str(tmp_path / "w.yaml"))
+
+
+# ------------------------------------------------------------------------------------------ nightly
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("night_inputs")
+    return _write_inputs(d, [1, 2])
+
+
+def _night(tmp_path, inputs, corrupt=False):
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for p in inputs:
+        (folder / p.rsplit("/", 1)[1]).write_bytes(open(p, "rb").read())
+    if corrupt:  # a truncated copy: header fine, data missing
+        (folder / "m3.fits").write_bytes(open(inputs[0], "rb").read()[:8640])
+    return folder
+
+
+def test_nightly_idempotent_and_one_corrupt_input_fails_alone(tmp_path, inputs):
+    _night(tmp_path, inputs, corrupt=True)
+    wf = _workflow(tmp_path)
+    first = run_workflow(wf)
+    by_name = {r["store"]: r for r in first.records}
+    assert set(by_name) == {"m1.zarr", "m2.zarr", "m3.zarr"}
+    assert by_name["m3.zarr"]["status"] == "failed" and "truncated" in by_name["m3.zarr"]["error"]
+    for name in ("m1.zarr", "m2.zarr"):
+        assert by_name[name]["status"] == "done" and by_name[name]["recomputed_tiles"] == 9
+        assert by_name[name]["tiles"]["done"] + by_name[name]["tiles"]["no work"] == 9
+    index = read_index(wf.index_path)
+    assert {r["status"] for r in index["inputs"].values()} == {"done", "failed"}
+    for r in index["inputs"].values():
+        assert {"key", "status", "started", "finished", "seconds", "tiles", "failures", "error"} <= set(r)
+
+    second = run_workflow(wf)
+    assert second.recomputed_tiles == 0
+    assert second.count("up to date") == 2
+    assert "m3.fits" in second.failed[0]["input"]  # still failing, still reported
+    assert "up to date" in second.summary()
+    assert len(read_index(wf.index_path)["runs"]) == 2
+
+
+def test_changed_config_or_input_reprocesses_what_it_affects(tmp_path, inputs):
+    folder = _night(tmp_path, inputs)
+    run_workflow(_workflow(tmp_path))
+    changed = run_workflow(_workflow(tmp_path, stages={"sep": {"thresh": 3.0}}))
+    assert [r["action"] for r in changed.records] == ["reprocessed", "reprocessed"]
+    assert all(r["reason"] == "changed: config" for r in changed.records)
+    assert changed.recomputed_tiles == 18
+    n_hi = read_catalog(str(tmp_path / "out" / "m1.zarr"), "sep")["id"].size
+
+    # one input replaced by another image: only that one is redone
+    write_simulation(simulate_mosaic(SimConfig(size=SIZE, seed=7)), folder / "m2.fits", overwrite=True)
+    wf = _workflow(tmp_path, stages={"sep": {"thresh": 3.0}})
+    again = run_workflow(wf)
+    actions = {r["store"]: (r["action"], r.get("reason")) for r in again.records}
+    assert actions == {"m1.zarr": ("up to date", None), "m2.zarr": ("reprocessed", "changed: input")}
+    assert again.recomputed_tiles == 9
+    assert read_catalog(str(tmp_path / "out" / "m1.zarr"), "sep")["id"].size == n_hi
+
+
+class _Interrupt(SyncExecutor):
+    """Runs tiles in process and raises KeyboardInterrupt (Ctrl-C, a killed night) after ``n`` tiles."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def map_unordered(self, fn, args_list, resources=None):
+        for i, out in super().map_unordered(fn, args_list, resources):
+            if fn.__name__ == "process_tile":
+                if self.n == 0:
+                    raise KeyboardInterrupt
+                self.n -= 1
+            yield i, out
+
+
+def test_interrupted_night_resumes_tile_by_tile(tmp_path, inputs):
+    _night(tmp_path, inputs)
+    wf = _workflow(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_workflow(wf, executor=_Interrupt(9 + 4))  # the first input done, 4 tiles of the second
+    index = read_index(wf.index_path)
+    status = {r["store"]: r["status"] for r in index["inputs"].values()}
+    assert status == {"m1.zarr": "done", "m2.zarr": "interrupted"}
+
+    resumed = run_workflow(wf)
+    acts = {r["store"]: (r["action"], r["recomputed_tiles"]) for r in resumed.records}
+    assert acts == {"m1.zarr": ("up to date", 0), "m2.zarr": ("resumed", 5)}
+    ref = tmp_path / "ref"
+    run_workflow(parse_workflow({"inputs": [str(tmp_path / "incoming" / "m2.fits")], "output": str(ref),
+                                 "tile": TILE, "stages": ["sep"], "cluster": {"kind": "local", "workers": 0}},
+                                path=str(tmp_path / "ref.yaml")))
+    _same_store(str(tmp_path / "out" / "m2.zarr"), str(ref / "m2.zarr"))
+    assert json.load(open(wf.index_path))["inputs"][str(tmp_path / "incoming" / "m2.fits")]["status"] == "done"
