@@ -141,46 +141,138 @@ class ClumpRecipe(Recipe):
 
 
 class DeblendRecipe(Recipe):
-    """U-Net told where the detected peaks are: input = image + one Gaussian peak marker per galaxy
-    (central, companion); output = one mask per galaxy. Loss: BCE + soft Dice averaged per object, so the
-    small companion counts as much as the central. Validation: mean IoU of central and companion masks."""
+    """Probabilistic U-Net (:class:`~deepmosaic.models.prob_unet.ProbUNet`) told where the detected peaks
+    are. Input: ``asinh(image / noise sigma)`` (the 1-sigma truth boundary stays in the linear part, bright
+    cores are compressed) + one Gaussian peak marker per galaxy (central; companion or companions); output:
+    one sigmoid mask per galaxy, made disjoint by :meth:`masks_from_probs`.
 
-    arch = "unet"
+    Loss, per object so the small companion counts as much as the central: BCE + soft Dice of the logits at a
+    posterior sample of the latent (Kohl et al. 2018) and, with equal weight, of the logits at the prior mean
+    (the deterministic prediction the stage uses; it costs only the 1x1 ``fcomb`` convs), plus ``beta`` x KL.
+    Validation: mean IoU of the disjoint central and companion masks at the prior mean."""
+
+    arch = "prob_unet"
     data_kind = "blends"
-    default_model = {"in_channels": 3, "out_channels": 2, "depth": 4, "base_channels": 16}
+    default_model = {"in_channels": 3, "out_channels": 2, "depth": 4, "base_channels": 16, "latent_dim": 6,
+                     "latent_base_channels": 8, "beta": 1.0}
     score_name = "mean_iou"
+    threshold = 0.5
 
     @staticmethod
     def peak_channels(peaks: np.ndarray, shape, sigma: float = 1.5) -> np.ndarray:
-        """[n, 2, H, W] Gaussian markers at the (y, x) peaks of the central and the companion."""
+        """[n, 2, H, W] Gaussian markers: channel 0 at ``peaks[i, 0]`` (the central), channel 1 the sum of
+        markers at ``peaks[i, 1:]`` (the companion; several companions for blends of more than two; NaN rows
+        are padding and are skipped)."""
+        peaks = np.asarray(peaks, np.float64)
         n = len(peaks)
         H, W = shape
-        yy, xx = np.mgrid[0:H, 0:W]
+        yy, xx = np.arange(H)[:, None], np.arange(W)[None, :]
         out = np.zeros((n, 2, H, W), np.float32)
         for i in range(n):
-            for k in range(2):
+            for k in range(peaks.shape[1]):
                 py, px = peaks[i, k]
-                out[i, k] = np.exp(-((yy - py) ** 2 + (xx - px) ** 2) / (2 * sigma ** 2))
-        return out
+                if np.isfinite(py) and np.isfinite(px):
+                    out[i, min(k, 1)] += np.exp(-((yy - py) ** 2 + (xx - px) ** 2) / (2 * sigma ** 2))
+        return np.minimum(out, 1.0)
+
+    @classmethod
+    def stamp_inputs(cls, image: np.ndarray, peaks: np.ndarray) -> np.ndarray:
+        """Network input [n, 3, H, W] from images [n, 1, H, W] in noise-sigma units and peaks [n, k, 2]."""
+        img = np.arcsinh(np.asarray(image, np.float32))
+        return np.concatenate([img, cls.peak_channels(peaks, img.shape[-2:])], axis=1)
 
     def inputs_targets(self, batch):
-        img = batch["image"]
-        x = np.concatenate([img, self.peak_channels(batch["peaks"], img.shape[-2:])], axis=1)
-        return _t(x), _t(batch["masks"])
+        return _t(self.stamp_inputs(batch["image"], batch["peaks"])), _t(batch["masks"])
 
-    def loss(self, model, x, y):
-        logits = model(x)
+    @staticmethod
+    def _per_object(logits, y):
         per_obj = [losses.bce(logits[:, k:k + 1], y[:, k:k + 1]) + losses.soft_dice(logits[:, k:k + 1], y[:, k:k + 1])
                    for k in range(y.shape[1])]
         return sum(per_obj) / len(per_obj)
 
+    def loss(self, model, x, y):
+        feats = model.features(x)
+        prior = model.prior(x)
+        post = model.posterior(x, y)
+        kl = torch.distributions.kl_divergence(post, prior).mean()
+        recon = 0.5 * (self._per_object(model.combine(feats, post.rsample()), y)
+                       + self._per_object(model.combine(feats, prior.mean), y))
+        return recon + model.config.beta * kl
+
+    @classmethod
+    def masks_from_probs(cls, prob: np.ndarray) -> np.ndarray:
+        """Disjoint masks from per-object probabilities ``prob[..., k, H, W]``: a pixel goes to the object of
+        largest probability where that probability exceeds 0.5 (bool, same shape)."""
+        best = prob.argmax(axis=-3)
+        keep = prob.max(axis=-3) > cls.threshold
+        return np.stack([(best == k) & keep for k in range(prob.shape[-3])], axis=-3)
+
+    @staticmethod
+    def label_probabilities(prob: np.ndarray) -> np.ndarray:
+        """Per-pixel probabilities of the labels {background, object 1..k} from per-object sigmoids
+        ``prob[..., k, H, W]``, treating the objects as exclusive (the truth masks are disjoint):
+        ``w_bg = prod(1 - p)``, ``w_j = p_j prod_{i != j}(1 - p_i)``, normalised. Returns [..., k + 1, H, W]."""
+        p = np.clip(prob, 1e-6, 1 - 1e-6)
+        q = 1.0 - p
+        all_q = np.prod(q, axis=-3, keepdims=True)
+        w = np.concatenate([all_q, p * all_q / q], axis=-3)
+        return w / w.sum(axis=-3, keepdims=True)
+
+    @classmethod
+    def error_probability(cls, samples: np.ndarray, decided: np.ndarray) -> np.ndarray:
+        """The per-pixel uncertainty: the probability that the decided label is wrong, averaged over samples.
+
+        ``samples`` [s, n, k, H, W]: sigmoid probabilities of ``s`` latent samples; ``decided`` [n, k, H, W]
+        bool disjoint masks. Returns float32 [n, H, W] in [0, 1]."""
+        label = np.where(decided.any(axis=-3), decided.argmax(axis=-3) + 1, 0)        # [n, H, W]
+        right = np.take_along_axis(cls.label_probabilities(samples), label[None, :, None], axis=-3)[:, :, 0]
+        return (1.0 - right.mean(axis=0)).astype(np.float32)
+
+    @staticmethod
+    @torch.no_grad()
+    def sample_probs(model, x: torch.Tensor, n_samples: int = 8, seeds=None, batch: int = 32):
+        """Sigmoid probabilities of network inputs ``x`` [n, 3, H, W] at the prior mean, and ``n_samples``
+        draws from the prior (latent noise of stamp ``i`` from ``torch.Generator`` seeded with ``seeds[i]``,
+        default ``i``: the same stamp gives the same draws whatever batch it is in).
+
+        Returns numpy ``(prob float32 [n, k, H, W], samples float32 [s, n, k, H, W])``; a plain U-Net (no
+        latent) or ``n_samples=0`` gives ``samples = prob[None]``."""
+        seeds = np.arange(len(x)) if seeds is None else np.asarray(seeds)
+        dev = next(model.parameters()).device
+        probs, draws = [], []
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch].to(dev)
+            if hasattr(model, "prior") and n_samples > 0:
+                feats = model.features(xb)
+                prior = model.prior(xb)
+                mu, sd = prior.mean, prior.stddev
+                eps = torch.stack([torch.randn(n_samples, mu.shape[1], generator=torch.Generator().manual_seed(
+                    int(sd_)), dtype=torch.float32) for sd_ in seeds[i:i + batch]], dim=1).to(dev)   # [s, b, L]
+                pb = torch.sigmoid(model.combine(feats, mu))
+                sb = torch.stack([torch.sigmoid(model.combine(feats, mu + sd * e)) for e in eps])
+            else:
+                pb = torch.sigmoid(model(xb).logits if hasattr(model, "prior") else model(xb))
+                sb = pb[None]
+            probs.append(pb.float().cpu().numpy())
+            draws.append(sb.float().cpu().numpy())
+        return np.concatenate(probs), np.concatenate(draws, axis=1)
+
+    @classmethod
+    def predict(cls, model, x: torch.Tensor, n_samples: int = 8, seeds=None, batch: int = 32):
+        """Disjoint masks, probabilities (prior mean) and per-pixel uncertainty (:meth:`error_probability`
+        over ``n_samples`` prior draws) of network inputs ``x`` [n, 3, H, W]. Returns numpy ``(masks bool
+        [n, k, H, W], prob float32 [n, k, H, W], uncertainty float32 [n, H, W])``."""
+        prob, samples = cls.sample_probs(model, x, n_samples, seeds, batch)
+        masks = cls.masks_from_probs(prob)
+        return masks, prob, cls.error_probability(samples, masks)
+
     @torch.no_grad()
     def evaluate(self, model, batch):
-        x, y = self.inputs_targets(batch)
-        prob = torch.sigmoid(_forward_batched(model, x)).numpy()
+        x, _ = self.inputs_targets(batch)
+        pred, _, _ = self.predict(model, x, n_samples=0)
         truth = batch["masks"] > 0.5
-        central = metrics.stamp_iou(truth[:, 0], prob[:, 0] > 0.5)
-        companion = metrics.stamp_iou(truth[:, 1], prob[:, 1] > 0.5)
+        central = metrics.stamp_iou(truth[:, 0], pred[:, 0])
+        companion = metrics.stamp_iou(truth[:, 1], pred[:, 1])
         return {"central_iou": float(central.mean()), "companion_iou": float(companion.mean()),
                 "mean_iou": float((central.mean() + companion.mean()) / 2)}
 

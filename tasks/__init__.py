@@ -31,6 +31,11 @@ def _load_optional():
         STAGES.setdefault("clumps_sep", ClumpsSepTask)
     except ImportError:
         pass
+    try:
+        from .deblend_task import DeblendTask
+        STAGES.setdefault("deblend", DeblendTask)
+    except ImportError:
+        pass
 
 
 def get_task_class(name: str) -> type[Task]:

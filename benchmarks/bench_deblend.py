@@ -1,0 +1,323 @@
+"""Deblending benchmark: sep vs the deblend stage on held-out simulated pairs and on pairs of real HST galaxies,
+the uncertainty's reliability, and the stage's cost on a large field.
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_deblend.py [--n 400] [--size 8192]
+        [--weights models/weights/deblend] [--no-field] [--no-hst]
+
+Blend sets (built reproducibly; none of them is ever used in training):
+
+* ``sim``: :func:`deepmosaic.models.datasets.make_batch` ``'blends'`` with the default config, split
+  ``'test'``, seed 2026 (training uses split 'train' and validation split 'val', seed 0);
+* ``sim-bd``: the same, every galaxy bulge + disk (``bulge_disk_fraction=1``);
+* ``hst``: pairs of the 100 real HST/ACS COSMOS galaxies of ``../shared/data/cosmos_hst`` (GalSim
+  ``RealGalaxy``: the HST PSF deconvolved, a random rotation, the LSST-like Moffat PSF and 0.2"/px of the
+  ``sim`` set, the same S/N, magnitude-difference and separation distributions); skipped with a reason when
+  ``../shared`` is absent.
+
+Each 96 x 96 stamp is pasted into a 160 x 160 canvas of unit noise and three deblenders run on it:
+
+* ``sep``: the ``sep`` stage (defaults), its segmentation;
+* ``stage``: ``sep`` then the ``deblend`` stage, exactly as in a run (the network is told sep's peaks; a
+  pair that sep does not split is not deblended);
+* ``network``: the network alone, told the true centres (as in validation).
+
+Truth: the 1-sigma "largest light wins" masks of the noise-free images. Objects are matched one-to-one by mask
+(:func:`deepmosaic.pipeline.metrics.match_masks`, IoU > 0 with a Hungarian assignment); an unmatched true
+galaxy scores IoU 0. Rows: mean IoU of centrals, of companions, of companions with S/N >= 20 at >= 2 PSF
+FWHM; median |flux - true flux| / true flux of the deblended members (stage; sep's AUTO flux for sep) and of
+their in-mask truth; reliability: pixel error rate per bin of predicted uncertainty (network on the sim set).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cosmos_hst"
+CANVAS = 160
+SEED = 2026
+UNC_BINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ blend sets
+
+def sim_set(n: int, **overrides) -> dict:
+    from deepmosaic.models.datasets import make_batch
+    return make_batch("blends", overrides or None, seed=SEED, n=n, split="test")
+
+
+def hst_set(n: int) -> dict:
+    """Pairs of real HST galaxies drawn like the ``blends`` set (same PSF, S/N, dmag, separation draws)."""
+    import galsim
+
+    from deepmosaic.models.datasets import (BlendSetConfig, _draw, _draw_psf, _draw_separation, _loguniform,
+                                            ownership_masks, stamp_psf)
+    cfg = BlendSetConfig()
+    cat = galsim.RealGalaxyCatalog("real_galaxy_catalog_26_extension_example.fits", dir=str(SHARED))
+    rng = np.random.default_rng(np.random.SeedSequence(SEED, spawn_key=(7,)))
+    s, c = cfg.size, (cfg.size - 1) / 2.0
+    out = {k: [] for k in ("image", "masks", "isolated", "peaks", "flux", "snr", "separation_fwhm")}
+    for _ in range(n):
+        fwhm, beta = _draw_psf(rng, cfg)
+        j = rng.choice(cat.nobjects, 2, replace=False)
+        angles = rng.uniform(0, 360, 2)
+        cy, cx = c + rng.uniform(-cfg.center_jitter, cfg.center_jitter, 2)
+        sep_fwhm = _draw_separation(rng, cfg)
+        phi = rng.uniform(0, 2 * math.pi)
+        peaks = np.array([[cy, cx], [cy + sep_fwhm * fwhm * math.sin(phi), cx + sep_fwhm * fwhm * math.cos(phi)]])
+        snr_c = float(_loguniform(rng, *cfg.central_snr_range))
+        dmag = float(rng.uniform(*cfg.delta_mag_range))
+        psf = stamp_psf(fwhm, beta)
+        unit = []
+        for k in range(2):
+            g = galsim.RealGalaxy(cat, index=int(j[k]), noise_pad_size=0).withFlux(1.0)
+            g = g.rotate(float(angles[k]) * galsim.degrees).dilate(1.0 / cfg.pixel_scale)   # arcsec -> px
+            unit.append(_draw(galsim.Convolve(g, psf), s, peaks[k, 1], peaks[k, 0]))
+        f_c = snr_c / math.sqrt(float(np.sum(unit[0] ** 2)))
+        flux = np.array([f_c, f_c * 10 ** (-0.4 * dmag)])
+        iso = np.stack([flux[0] * unit[0], flux[1] * unit[1]]).astype(np.float32)
+        out["image"].append((iso.sum(0) + rng.standard_normal((s, s)))[None].astype(np.float32))
+        out["masks"].append(ownership_masks(iso))
+        out["isolated"].append(iso)
+        out["peaks"].append(peaks)
+        out["flux"].append(flux)
+        out["snr"].append(np.sqrt(np.sum(iso.astype(np.float64) ** 2, axis=(1, 2))))
+        out["separation_fwhm"].append(sep_fwhm)
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------ deblenders
+
+def on_canvas(batch: dict, i: int, rng) -> tuple[np.ndarray, np.ndarray, int]:
+    """Stamp ``i`` in a CANVAS x CANVAS field of unit noise; truth labels (1 central, 2 companion); offset."""
+    s = batch["image"].shape[-1]
+    o = (CANVAS - s) // 2
+    img = rng.standard_normal((CANVAS, CANVAS)).astype(np.float32)
+    img[o:o + s, o:o + s] = batch["image"][i, 0]
+    truth = np.zeros((CANVAS, CANVAS), np.int64)
+    m = batch["masks"][i] > 0.5
+    truth[o:o + s, o:o + s] = np.where(m[0], 1, np.where(m[1], 2, 0))
+    return img, truth, o
+
+
+def matched(truth: np.ndarray, pred: np.ndarray) -> dict:
+    """True label -> (pred label, IoU), one-to-one by mask (IoU > 0, Hungarian)."""
+    from deepmosaic.pipeline.metrics import match_masks
+    t, p, v = match_masks(truth, pred, threshold=0.0)
+    return {int(a): (int(b), float(c)) for a, b, c in zip(t, p, v)}
+
+
+def run_stamps(batch: dict, deblend_task) -> dict:
+    """sep and the stage on every stamp: per-galaxy IoU [n, 2] and measured flux [n, 2] (NaN unmatched)."""
+    from deepmosaic.tasks.base import TileInput
+    from deepmosaic.tasks.deblend_task import FLAG_DEBLENDED
+    from deepmosaic.tasks.sep_task import SepTask
+    sep_task = SepTask()
+    n = len(batch["image"])
+    res = {k: np.zeros((n, 2)) for k in ("sep_iou", "stage_iou")}
+    res.update({k: np.full((n, 2), np.nan) for k in ("sep_flux", "stage_flux")})
+    res["stage_deblended"] = np.zeros((n, 2), bool)
+    rng = np.random.default_rng(SEED)
+    t_stage = 0.0
+    for i in range(n):
+        img, truth, _ = on_canvas(batch, i, rng)
+        ti = TileInput(image=img, background=np.zeros_like(img), rms=np.ones_like(img), global_rms=1.0,
+                       mask=np.zeros(img.shape, bool), variance=None, origin=(0, 0),
+                       core=(slice(0, CANVAS), slice(0, CANVAS)))
+        ti.upstream["sep"] = sep_out = sep_task.run(ti)
+        t0 = time.perf_counter()
+        out = deblend_task.run(ti)
+        t_stage += time.perf_counter() - t0
+        for name, o in (("sep", sep_out), ("stage", out)):
+            for lab, (p, v) in matched(truth, o.maps["segmentation"]).items():
+                res[f"{name}_iou"][i, lab - 1] = v
+                res[f"{name}_flux"][i, lab - 1] = o.catalog["flux"][p - 1]
+                if name == "stage":
+                    res["stage_deblended"][i, lab - 1] = bool(o.catalog["flags"][p - 1] & FLAG_DEBLENDED)
+    res["stage_seconds"] = t_stage
+    return res
+
+
+def run_network(batch: dict, model, n_samples: int = 8) -> dict:
+    """The network alone, told the true centres: IoU [n, 2], labels and uncertainty per stamp."""
+    import torch
+
+    from deepmosaic.models.train import DeblendRecipe
+    from deepmosaic.pipeline.metrics import stamp_iou
+    x = torch.from_numpy(DeblendRecipe.stamp_inputs(batch["image"], batch["peaks"]))
+    t0 = time.perf_counter()
+    masks, prob, unc = DeblendRecipe.predict(model, x, n_samples=n_samples)
+    seconds = time.perf_counter() - t0
+    truth = batch["masks"] > 0.5
+    iou = np.stack([stamp_iou(truth[:, k], masks[:, k]) for k in range(2)], axis=1)
+    lab_t = np.where(truth[:, 0], 1, np.where(truth[:, 1], 2, 0))
+    lab_p = np.where(masks[:, 0], 1, np.where(masks[:, 1], 2, 0))
+    return {"iou": iou, "wrong": lab_t != lab_p, "unc": unc, "seconds": seconds}
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+def subset(batch: dict) -> np.ndarray:
+    """Companions with S/N >= 20 at >= 2 PSF FWHM from the central."""
+    return (batch["snr"][:, 1] >= 20) & (batch["separation_fwhm"] >= 2.0)
+
+
+def flux_residual(measured, true, keep) -> float:
+    r = np.abs(measured - true) / true
+    r = r[keep & np.isfinite(r)]
+    return float(np.median(r)) if len(r) else float("nan")
+
+
+def iou_table(name: str, batch: dict, stamps: dict | None, net: dict) -> list[dict]:
+    sub = subset(batch)
+    rows = []
+    cols = [("sep", stamps and stamps["sep_iou"]), ("stage", stamps and stamps["stage_iou"]),
+            ("network", net["iou"])]
+    for who, iou in cols:
+        if iou is None:
+            continue
+        row = {"set": name, "deblender": who, "n": len(iou), "central": iou[:, 0].mean(),
+               "companion": iou[:, 1].mean(), "companion_snr20_2fwhm": iou[sub, 1].mean(), "n_subset": int(sub.sum())}
+        if stamps is not None and who in ("sep", "stage"):
+            f = stamps[f"{who}_flux"]
+            keep = stamps["stage_deblended"] if who == "stage" else np.isfinite(f)
+            row["flux_med_abs_resid"] = flux_residual(f, batch["flux"], keep)
+            in_mask = (batch["isolated"] * (batch["masks"] > 0.5)).sum(axis=(-2, -1))
+            row["flux_vs_in_mask"] = flux_residual(f, in_mask, keep)
+            row["deblended_frac"] = float(stamps["stage_deblended"].all(axis=1).mean()) if who == "stage" else None
+        rows.append(row)
+    return rows
+
+
+def reliability(net: dict, bins=UNC_BINS) -> list[tuple]:
+    """(bin lo, hi, pixels, mean predicted uncertainty, observed error rate) over pixels where the truth or
+    the prediction is a galaxy or the uncertainty is above the first bin edge."""
+    u, w = net["unc"].ravel(), net["wrong"].ravel()
+    idx = np.clip(np.digitize(u, bins) - 1, 0, len(bins) - 2)
+    out = []
+    for b in range(len(bins) - 1):
+        sel = idx == b
+        if sel.any():
+            out.append((bins[b], bins[b + 1], int(sel.sum()), float(u[sel].mean()), float(w[sel].mean())))
+    return out
+
+
+def print_tables(rows, rel):
+    print("\n## IoU (one-to-one by mask; unmatched = 0) and flux residuals")
+    print("| set | deblender | n | central IoU | companion IoU | companion S/N>=20, >=2 FWHM (n) | "
+          "median abs flux resid (vs total) | (vs in-mask truth) | pairs deblended |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fr = r.get("flux_med_abs_resid")
+        fm = r.get("flux_vs_in_mask")
+        db = r.get("deblended_frac")
+        print(f"| {r['set']} | {r['deblender']} | {r['n']} | {r['central']:.3f} | {r['companion']:.3f} | "
+              f"{r['companion_snr20_2fwhm']:.3f} ({r['n_subset']}) | "
+              f"{'-' if fr is None else f'{100 * fr:.1f}%'} | {'-' if fm is None else f'{100 * fm:.1f}%'} | "
+              f"{'-' if db is None else f'{100 * db:.0f}%'} |")
+    for name, curve in rel.items():
+        print(f"\n## Uncertainty reliability ({name}, network told the true centres; all stamp pixels)")
+        print("| predicted uncertainty bin | pixels | mean predicted | observed error rate |")
+        print("|---|---|---|---|")
+        for lo, hi, npx, mu, err in curve:
+            print(f"| [{lo:.2f}, {hi:.2f}) | {npx} | {mu:.3f} | {err:.3f} |")
+
+
+# ------------------------------------------------------------------------------------------------ field
+
+def field_benchmark(size: int, tile: int, weights: str | None):
+    """Run sep,deblend over a simulated size x size field in this process; time each stage."""
+    import tempfile
+
+    from deepmosaic.pipeline import store as st
+    from deepmosaic.pipeline.simulate import SimConfig, simulate_mosaic
+    from deepmosaic.pipeline.truth import write_simulation
+    from deepmosaic.tasks.deblend_task import DeblendTask
+    from deepmosaic.tasks.sep_task import SepTask
+    from deepmosaic.workflows import run
+    spent = {"sep": 0.0, "deblend": 0.0}
+
+    def timed(cls, key):
+        orig = cls.run
+
+        def wrapper(self, tile_input):
+            t0 = time.perf_counter()
+            try:
+                return orig(self, tile_input)
+            finally:
+                spent[key] += time.perf_counter() - t0
+        cls.run = wrapper
+        return orig
+
+    d = Path(tempfile.mkdtemp(prefix="bench_deblend_"))
+    t0 = time.perf_counter()
+    sim = simulate_mosaic(SimConfig(size=(size, size), seed=SEED))
+    image, _ = write_simulation(sim, d / "field.fits")
+    t_sim = time.perf_counter() - t0
+    origs = timed(SepTask, "sep"), timed(DeblendTask, "deblend")
+    try:
+        t0 = time.perf_counter()
+        sets = ["deblend.device=cpu"] + ([f"deblend.weights={weights}"] if weights else [])
+        run(str(image), str(d / "field.zarr"), stages="sep,deblend", tile=tile, workers=0, set=sets)
+        total = time.perf_counter() - t0
+    finally:
+        SepTask.run, DeblendTask.run = origs
+    cat = st.read_catalog(str(d / "field.zarr"), "deblend")
+    blends = np.unique(cat["parent_id"][cat["parent_id"] > 0])
+    print(f"\n## Field {size} x {size} (tile {tile}, one process, simulated in {t_sim:.0f} s)")
+    print(f"objects {len(cat['id'])}, blends deblended {len(blends)}, members {int((cat['parent_id'] > 0).sum())}; "
+          f"run {total:.1f} s: sep {spent['sep']:.1f} s, deblend {spent['deblend']:.1f} s "
+          f"({100 * spent['deblend'] / total:.1f}% of the run); "
+          f"{len(blends) / max(spent['deblend'], 1e-9):.1f} blends/s (halo windows see some blends twice)")
+    import shutil
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--n", type=int, default=400, help="blends per set")
+    ap.add_argument("--weights", default=None, help="deblend weights (default: the shipped ones)")
+    ap.add_argument("--size", type=int, default=8192, help="side of the simulated field for the cost figures")
+    ap.add_argument("--tile", type=int, default=1024, help="tile core size of the field run")
+    ap.add_argument("--no-field", action="store_true", help="skip the field run")
+    ap.add_argument("--no-hst", action="store_true", help="skip the real-galaxy set")
+    ap.add_argument("--no-stage", action="store_true", help="network only (no sep / stage rows)")
+    args = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from deepmosaic.models.weights_io import load_model, shipped
+    from deepmosaic.tasks.deblend_task import DeblendTask
+    weights = args.weights or str(shipped("deblend"))
+    model = load_model(weights)
+    task = DeblendTask({"device": "cpu", "weights": weights})
+    sets = {"sim": lambda: sim_set(args.n), "sim-bd": lambda: sim_set(args.n, bulge_disk_fraction=1.0)}
+    if args.no_hst:
+        print("hst set: skipped (--no-hst)")
+    elif not SHARED.exists():
+        print(f"hst set: skipped ({SHARED} not present: ../shared/data is only beside the project checkout)")
+    else:
+        sets["hst"] = lambda: hst_set(args.n)
+    rows, rel = [], {}
+    for name, make in sets.items():
+        t0 = time.perf_counter()
+        batch = make()
+        t_make = time.perf_counter() - t0
+        net = run_network(batch, model)
+        stamps = None if args.no_stage else run_stamps(batch, task)
+        rows += iou_table(name, batch, stamps, net)
+        rel[name] = reliability(net)
+        extra = "" if stamps is None else f", stage {len(batch['image']) / stamps['stage_seconds']:.1f} blends/s"
+        print(f"{name}: {len(batch['image'])} blends built in {t_make:.1f} s; network {net['seconds']:.1f} s "
+              f"({len(batch['image']) / net['seconds']:.1f} blends/s with 8 latent draws){extra}", flush=True)
+    print_tables(rows, rel)
+    if not args.no_field:
+        field_benchmark(args.size, args.tile, args.weights)
+
+
+if __name__ == "__main__":
+    main()

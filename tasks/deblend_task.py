@@ -1,0 +1,480 @@
+"""The ``deblend`` stage: a network deblends sep's blends, with a per-pixel uncertainty.
+
+What it does on one tile window
+-------------------------------
+1. **Blends** are groups of sep objects (``tile.upstream['sep']``): objects whose footprints touch (sep's
+   deblended children of one parent footprint) or whose centroids are closer than ``neighbour_distance`` px,
+   joined transitively. An object in no group is *isolated* and keeps its sep footprint, position and
+   AUTO flux unchanged.
+2. Every member's **peak** is the brightest pixel of its sep footprint in the normalised image
+   ``(image - background) / rms``.
+3. **Stamps** of ``stamp`` x ``stamp`` px are cut from the normalised image. A pair is one stamp centred on
+   the brighter peak, the network told where both peaks are (input channels, see
+   :class:`~deepmosaic.models.train.DeblendRecipe`). A blend of more than two members is deblended
+   *one member against the rest*: one stamp centred on each member, the central marker on it and the
+   companion marker on all the others; each member's probability is read from its own call, then every pixel
+   goes to the member of largest probability (where it exceeds 0.5). All stamps of the window go through the
+   network in batches (``batch_size``).
+4. **Masks** are written into ``segmentation`` only on pixels that are sky or belong to the blend's own
+   members in sep's map (a blend never takes pixels of another object). A member that the network leaves
+   empty keeps its sep footprint (flag ``empty_mask``). Blends with more than ``max_members`` members or a
+   footprint that does not fit in a stamp are skipped: their members keep their sep footprints (flag
+   ``skipped``).
+5. **Uncertainty**: per pixel, the probability that the pixel's label (sky, or which member) is wrong,
+   averaged over ``n_samples`` latent draws of the probabilistic U-Net's prior
+   (:meth:`~deepmosaic.models.train.DeblendRecipe.error_probability`); 0 outside deblended stamps. The draws
+   of a stamp are seeded by its centre in mosaic pixels, so the two tiles that see a blend straddling a seam
+   compute the same values.
+6. **Fluxes** of members: the background-subtracted image shared between the members in proportion to their
+   probabilities (``flux = sum(data * p_k / sum_j p_j)`` over pixels where ``sum_j p_j > share_floor``), and its
+   background error. Isolated objects keep sep's AUTO flux and error.
+
+Seams: a member belongs to the tile whose core holds its centroid (the intensity-weighted centroid of its
+mask, computed from the same pixels in every window that holds the whole blend); the runner links the
+neighbour's labels. ``parent`` is a label map of each blend's region carrying its primary (brightest)
+member, from which the runner fills ``parent_id`` after stitching.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from deepmosaic.pipeline.config import field, require
+
+from .base import Column, MapSpec, Task, TaskOutput, TileInput
+from .clumps_task import ClumpsTask, _get_model, resolve_device
+
+#: stage flag bits (0-7; pipeline bits 8+ are OR-ed in by the runner)
+FLAG_DEBLENDED = 1      #: member of a blend, mask from the network
+FLAG_SKIPPED = 2        #: blend too large / too many members: skipped, sep footprint kept
+FLAG_EMPTY_MASK = 4     #: the network gave this member no pixel: sep footprint kept
+FLAG_NEIGHBOUR = 8      #: grouped with a neighbour by distance only (footprints do not touch)
+FLAG_NEW_PEAK = 16      #: a peak the stage found inside a sep footprint (not an object of sep's catalog)
+
+STAGE_FLAGS = {"deblended": FLAG_DEBLENDED, "skipped": FLAG_SKIPPED, "empty_mask": FLAG_EMPTY_MASK,
+               "neighbour": FLAG_NEIGHBOUR, "new_peak": FLAG_NEW_PEAK}
+
+DEBLEND_COLUMNS = {
+    "x": Column("f8", "pix", "x, 0-based mosaic pixels: intensity-weighted centroid of the mask (members); "
+                             "sep's centroid (isolated objects)"),
+    "y": Column("f8", "pix", "y, 0-based mosaic pixels"),
+    "parent_id": Column("i8", "", "id (in this catalog) of the primary, brightest member of the object's blend; "
+                                  "-1 for isolated objects (filled from maps/deblend/parent after stitching)"),
+    "flux": Column("f8", "", "members: background-subtracted image flux shared by the network's probabilities; "
+                             "isolated objects: sep's AUTO flux; image units"),
+    "flux_err": Column("f8", "", "1-sigma background error of flux"),
+    "n_children": Column("i8", "", "members of the object's blend (1: isolated)"),
+    "npix": Column("i8", "pix2", "pixels of the object's mask"),
+    "sep_flux": Column("f8", "", "sep's AUTO flux of the same detection (before deblending); NaN for a new peak"),
+    "flags": Column("i8", "", "bit 0 deblended, 1 skipped (blend too large / too many members: footprint kept), "
+                              "2 empty network mask (footprint kept), 3 grouped by distance, 4 new peak found "
+                              "inside a sep footprint; pipeline bits 8+"),
+}
+
+DEBLEND_MAPS = {
+    "segmentation": MapSpec("int64", "label", "catalog id of each pixel's object after deblending, 0 = sky"),
+    "parent": MapSpec("int64", "label", "id of the primary member of the blend covering the pixel, 0 elsewhere"),
+    "uncertainty": MapSpec("float32", "value", "probability that the pixel's deblended label is wrong "
+                                               "(0 outside deblended stamps)"),
+}
+
+
+@dataclass(frozen=True)
+class DeblendConfig:
+    """Settings of the ``deblend`` stage."""
+
+    stage_name = "deblend"
+    weights: str | None = field(None, "Weights file (NAME, NAME.safetensors or NAME.json with its model card); "
+                                      "None: the shipped default models/weights/deblend.")
+    halo: int = field(64, "Pixels of context around each tile core; must hold half a stamp plus a blend's "
+                          "reach (at least stamp / 2).")
+    stamp: int = field(96, "Stamp side in px fed to the network (the training size; multiple of 16).")
+    neighbour_distance: float = field(6.0, "Objects whose centroids are closer than this (px) form a blend even "
+                                           "when their footprints do not touch; 0 switches it off.")
+    max_members: int = field(6, "Blends with more members are skipped (flag 'skipped', footprints kept).")
+    margin: int = field(4, "A blend's footprints must lie this far (px) inside every stamp it needs, else "
+                           "it is skipped as too large.")
+    find_peaks: bool = field(True, "Also look for secondary peaks inside each sep footprint (a close pair that "
+                                   "sep left as one object); each becomes a member of a blend.")
+    peak_smooth: float = field(1.0, "Gaussian sigma (px) of the smoothing before peaks are looked for.")
+    peak_min_separation: int = field(3, "Peaks closer than this (px) are one peak.")
+    peak_min_dip: float = field(1.0, "A secondary peak must stand this far (units of the pixel noise, on the "
+                                     "smoothed image, where the noise is ~0.28) above the lowest point of the "
+                                     "straight line to every brighter peak of its footprint...")
+    peak_rel_dip: float = field(0.05, "... and this fraction of its own height.")
+    n_samples: int = field(8, "Latent draws of the probabilistic U-Net for the uncertainty map (0: the "
+                              "deterministic prediction's own ambiguity only).")
+    share_floor: float = field(0.02, "Flux sharing: pixels where the members' summed probability is below "
+                                     "this count for no member.")
+    batch_size: int = field(32, "Stamps per forward call.")
+    device: str = field("auto", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+
+    def validate(self):
+        w = self.stage_name
+        require(self.weights is None or (isinstance(self.weights, str) and self.weights.strip()), w, "weights",
+                self.weights, "a weights path (NAME.safetensors with NAME.json beside it), or None.")
+        require(32 <= self.stamp <= 1024 and self.stamp % 16 == 0, w, "stamp", self.stamp,
+                "must be a multiple of 16 in [32, 1024], e.g. 96.")
+        require(self.halo >= self.stamp // 2, w, "halo", self.halo,
+                f"must be >= stamp / 2 = {self.stamp // 2} px so that a stamp around an owned object fits the "
+                f"window; raise halo or lower stamp.")
+        require(self.neighbour_distance >= 0, w, "neighbour_distance", self.neighbour_distance, "must be >= 0 px.")
+        require(self.max_members >= 2, w, "max_members", self.max_members, "must be >= 2.")
+        require(0 <= self.margin < self.stamp // 4, w, "margin", self.margin, f"must be in [0, {self.stamp // 4}).")
+        require(0 < self.peak_smooth <= 5, w, "peak_smooth", self.peak_smooth, "must be in (0, 5] px.")
+        require(self.peak_min_separation >= 1, w, "peak_min_separation", self.peak_min_separation, "must be >= 1 px.")
+        require(self.peak_min_dip > 0, w, "peak_min_dip", self.peak_min_dip, "must be > 0.")
+        require(0 <= self.peak_rel_dip < 1, w, "peak_rel_dip", self.peak_rel_dip, "must be in [0, 1).")
+        require(0 <= self.n_samples <= 64, w, "n_samples", self.n_samples, "must be in [0, 64].")
+        require(0 < self.share_floor < 1, w, "share_floor", self.share_floor, "must be in (0, 1).")
+        require(self.batch_size >= 1, w, "batch_size", self.batch_size, "must be >= 1.")
+        dev = self.device
+        require(isinstance(dev, str) and (dev in ("auto", "cpu", "cuda")
+                                          or (dev.startswith("cuda:") and dev[5:].isdigit())),
+                w, "device", dev, "use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
+
+
+# ------------------------------------------------------------------------------------------------ blends
+
+def find_blends(seg: np.ndarray, x: np.ndarray, y: np.ndarray, neighbour_distance: float):
+    """Groups of sep objects (rows) that form blends.
+
+    Parameters
+    ----------
+    seg : int [H, W] sep label map (row + 1, 0 = sky)
+    x, y : float [n] centroids (window px)
+    neighbour_distance : float, px; centroids closer than this join a group (0: never)
+
+    Returns
+    -------
+    (groups, by_distance): ``groups`` a list of int arrays of rows (>= 2 rows each, rows ascending, groups
+    ordered by their first row); ``by_distance`` bool [n], rows joined only through the distance rule.
+    """
+    n = len(x)
+    parent = np.arange(n)
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(a, b):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    touching = np.zeros(n, bool)
+    for a, b in ((seg[:, :-1], seg[:, 1:]), (seg[:-1, :], seg[1:, :])):
+        pairs = (a > 0) & (b > 0) & (a != b)
+        if pairs.any():
+            for i, j in np.unique(np.stack([a[pairs], b[pairs]], 1), axis=0) - 1:
+                union(int(i), int(j))
+                touching[[i, j]] = True
+    if neighbour_distance > 0 and n > 1:
+        from scipy.spatial import cKDTree
+        for i, j in cKDTree(np.c_[y, x]).query_pairs(neighbour_distance):
+            union(int(i), int(j))
+    roots = np.array([find(i) for i in range(n)], np.int64)
+    groups = [np.flatnonzero(roots == r) for r in np.unique(roots)]
+    groups = [g for g in groups if len(g) > 1]
+    in_group = np.zeros(n, bool)
+    for g in groups:
+        in_group[g] = True
+    return groups, in_group & ~touching
+
+
+def footprint_peaks(smooth: np.ndarray, seg: np.ndarray, n: int, min_separation: int, min_dip: float,
+                    rel_dip: float):
+    """Secondary peaks inside sep footprints: local maxima of the smoothed image that stand clear of every
+    brighter peak of the same footprint (the lowest point of the straight line between them lies at least
+    ``max(min_dip, rel_dip * height)`` below the peak).
+
+    Parameters
+    ----------
+    smooth : float [H, W] smoothed normalised image; seg : int [H, W] sep labels (row + 1); n : rows
+
+    Returns
+    -------
+    (peaks float [m, 2] (y, x) window px, rows int [m] the sep row whose footprint holds each)
+    """
+    size = 2 * min_separation + 1
+    cand = (smooth == ndimage.maximum_filter(smooth, size=size)) & (seg > 0)
+    ys, xs = np.nonzero(cand)
+    if len(ys) == 0:
+        return np.zeros((0, 2)), np.zeros(0, np.int64)
+    labs = seg[ys, xs] - 1
+    vals = smooth[ys, xs]
+    out, rows = [], []
+    for r in np.unique(labs):
+        k = np.flatnonzero(labs == r)
+        k = k[np.argsort(-vals[k], kind="stable")]
+        kept = [k[0]]                                           # the footprint's own (brightest) peak
+        for c in k[1:]:
+            ok = True
+            for a in kept:
+                length = int(np.ceil(np.hypot(ys[c] - ys[a], xs[c] - xs[a]))) + 1
+                t = np.linspace(0.0, 1.0, max(length, 2))
+                line = ndimage.map_coordinates(smooth, [ys[c] + t * (ys[a] - ys[c]), xs[c] + t * (xs[a] - xs[c])],
+                                               order=1)
+                if vals[c] - line.min() < max(min_dip, rel_dip * vals[c]):
+                    ok = False
+                    break
+            if ok:
+                kept.append(c)
+                out.append((ys[c], xs[c]))
+                rows.append(r)
+    return np.asarray(out, float).reshape(-1, 2), np.asarray(rows, np.int64)
+
+
+def cut(img: np.ndarray, cy: int, cx: int, size: int) -> np.ndarray:
+    """``size`` x ``size`` stamp of ``img`` whose pixel ``size // 2`` is ``(cy, cx)``, zeros outside."""
+    out = np.zeros((size, size), img.dtype)
+    y0, x0 = cy - size // 2, cx - size // 2
+    sy0, sx0 = max(y0, 0), max(x0, 0)
+    sy1, sx1 = min(y0 + size, img.shape[0]), min(x0 + size, img.shape[1])
+    if sy1 > sy0 and sx1 > sx0:
+        out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = img[sy0:sy1, sx0:sx1]
+    return out
+
+
+@dataclass
+class _Call:
+    """One network call: a stamp centred on window pixel (cy, cx), peaks in stamp px (central first)."""
+
+    blend: int
+    member: int          # the row whose probability is read from channel 0 (N > 2); -1 for a pair
+    cy: int
+    cx: int
+    peaks: np.ndarray    # [k, 2] stamp px
+
+
+class DeblendTask(Task):
+    """Blends found from sep's footprints, deblended by the (probabilistic) U-Net; isolated objects kept.
+
+    As in :class:`~deepmosaic.tasks.clumps_task.ClumpsTask`, the torch model is never part of the task's
+    state: it is loaded on first use in each process and cached there.
+    """
+
+    name = "deblend"
+    Config = DeblendConfig
+    columns = DEBLEND_COLUMNS
+    maps = DEBLEND_MAPS
+    requires = ("sep",)
+    resources = {"GPU": 1}
+    links = {"parent_id": ("deblend", "parent")}
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self._sha = None
+
+    def weights_base(self) -> str:
+        from deepmosaic.models.weights_io import _base, shipped
+        w = self.config.weights
+        return str(shipped("deblend") if w is None else _base(w))
+
+    def network_sha256(self) -> str | None:
+        if self._sha is None:
+            from deepmosaic.models.weights_io import WeightsError, read_card
+            card = read_card(self.weights_base())
+            cfg = card.get("config", {})
+            if cfg.get("in_channels") != 3 or cfg.get("out_channels") != 2:
+                raise WeightsError(f"{self.weights_base()}: the deblend stage needs a network with 3 input "
+                                   f"channels (image, central and companion peaks) and 2 outputs, the card has "
+                                   f"{cfg.get('in_channels')} -> {cfg.get('out_channels')}.")
+            self._sha = card.get("weights", {}).get("sha256") or ""
+        return self._sha
+
+    def fingerprint(self) -> dict:
+        fp = super().fingerprint()
+        fp["weights_sha256"] = self.network_sha256()
+        return fp
+
+    # ---- planning ----------------------------------------------------------------------------------
+    def plan(self, groups, peaks, seg, flux_order):
+        """Network calls for every blend that fits; returns ``(calls, skipped_rows)``."""
+        cfg = self.config
+        s, h = cfg.stamp, cfg.stamp // 2
+        boxes = ndimage.find_objects(seg)
+        calls, skipped = [], []
+        for b, rows in enumerate(groups):
+            if len(rows) > cfg.max_members:
+                skipped += list(rows)
+                continue
+            rows = sorted(rows, key=lambda r: flux_order[r])          # brightest first
+            own = [boxes[r] for r in rows if r < len(boxes) and boxes[r] is not None]   # new peaks have none
+            y0, y1 = min(b_[0].start for b_ in own), max(b_[0].stop for b_ in own)
+            x0, x1 = min(b_[1].start for b_ in own), max(b_[1].stop for b_ in own)
+            centres = [rows[0]] if len(rows) == 2 else rows
+            fits = all(y0 - (int(peaks[c, 0]) - h) >= cfg.margin and (int(peaks[c, 0]) - h + s) - y1 >= cfg.margin
+                       and x0 - (int(peaks[c, 1]) - h) >= cfg.margin and (int(peaks[c, 1]) - h + s) - x1 >= cfg.margin
+                       for c in centres)
+            if not fits:
+                skipped += list(rows)
+                continue
+            for c in centres:
+                cy, cx = int(peaks[c, 0]), int(peaks[c, 1])
+                order = [c] + [r for r in rows if r != c]
+                calls.append(_Call(b, -1 if len(rows) == 2 else c, cy, cx,
+                                   peaks[order] - np.array([cy - h, cx - h], float)))
+        return calls, skipped
+
+    # ---- inference ---------------------------------------------------------------------------------
+    def infer(self, norm: np.ndarray, calls, origin):
+        """Probabilities [n, 2, s, s] and samples [S, n, 2, s, s] of every call, in batches."""
+        import torch
+
+        from deepmosaic.models.train import DeblendRecipe
+        cfg = self.config
+        model = _get_model(self.weights_base(), resolve_device(cfg.device))
+        stamps = np.stack([cut(norm, c.cy, c.cx, cfg.stamp) for c in calls])[:, None]
+        k = max(len(c.peaks) for c in calls)
+        peaks = np.full((len(calls), k, 2), np.nan)
+        for i, c in enumerate(calls):
+            peaks[i, :len(c.peaks)] = c.peaks
+        x = torch.from_numpy(DeblendRecipe.stamp_inputs(stamps, peaks))
+        # seeds from the stamp centre in mosaic pixels: both tiles of a seam draw the same latents
+        oy, ox = origin
+        seeds = np.array([(c.cy + oy) * 1_000_003 + (c.cx + ox) for c in calls], np.int64) % (2 ** 62)
+        return DeblendRecipe.sample_probs(model, x, cfg.n_samples, seeds, cfg.batch_size)
+
+    def run(self, tile: TileInput) -> TaskOutput:
+        from deepmosaic.models.train import DeblendRecipe
+        cfg = self.config
+        sep_out = tile.upstream["sep"]
+        seg = np.asarray(sep_out.maps["segmentation"], np.int64)
+        scat = sep_out.catalog
+        n = len(scat["x"])
+        shape = seg.shape
+        out = self.empty_output(shape)
+        if n == 0:
+            return out
+        data = tile.data
+        norm = ClumpsTask.normalise(tile)
+        rms2 = np.where(np.isfinite(tile.rms), tile.rms, 0.0).astype(np.float64) ** 2
+        smooth = ndimage.gaussian_filter(norm, cfg.peak_smooth)
+        peaks = np.array(ndimage.maximum_position(smooth, seg, np.arange(1, n + 1)), float).reshape(n, 2)
+        groups, by_distance = find_blends(seg, np.asarray(scat["x"]), np.asarray(scat["y"]), cfg.neighbour_distance)
+        # secondary peaks inside sep footprints become members n, n+1, ... of their footprint's blend
+        extra, extra_rows = (footprint_peaks(smooth, seg, n, cfg.peak_min_separation, cfg.peak_min_dip,
+                                             cfg.peak_rel_dip) if cfg.find_peaks else (np.zeros((0, 2)), []))
+        m = len(extra)
+        if m:
+            group_of = {int(r): g for g, rows in enumerate(groups) for r in rows}
+            for j, r in enumerate(extra_rows):
+                if int(r) not in group_of:
+                    group_of[int(r)] = len(groups)
+                    groups.append(np.array([r], np.int64))
+                groups[group_of[int(r)]] = np.append(groups[group_of[int(r)]], n + j)
+            peaks = np.concatenate([peaks, extra])
+        N = n + m
+        height = smooth[peaks[:, 0].astype(int), peaks[:, 1].astype(int)]
+        calls, skipped = self.plan(groups, peaks, seg, -height)
+
+        new_seg = seg.copy()
+        parent = np.zeros(shape, np.int64)
+        unc = np.zeros(shape, np.float32)
+        pad = np.full(m, np.nan)
+        x = np.concatenate([np.asarray(scat["x"], float), peaks[n:, 1]])
+        y = np.concatenate([np.asarray(scat["y"], float), peaks[n:, 0]])
+        sep_flux = np.concatenate([np.asarray(scat["flux"], float), pad])
+        flux, flux_err = sep_flux.copy(), np.concatenate([np.asarray(scat["flux_err"], float), pad])
+        npix = np.zeros(N, np.int64)
+        npix[:n] = np.bincount(seg.ravel(), minlength=n + 1)[1:n + 1]
+        flags = np.zeros(N, np.int64)
+        flags[n:] |= FLAG_NEW_PEAK
+        n_children = np.ones(N, np.int64)
+        for g in groups:
+            n_children[g] = len(g)
+        flags[:n][by_distance] |= FLAG_NEIGHBOUR
+        flags[skipped] |= FLAG_SKIPPED
+
+        if calls:
+            prob, samples = self.infer(norm, calls, tile.origin)
+            s, h = cfg.stamp, cfg.stamp // 2
+            by_blend: dict[int, list[int]] = {}
+            for i, c in enumerate(calls):
+                by_blend.setdefault(c.blend, []).append(i)
+            for b, idx in by_blend.items():
+                rows = sorted(groups[b], key=lambda r: -height[r])
+                # the blend's frame: the union of its stamps, in window px
+                fy0 = min(calls[i].cy for i in idx) - h
+                fx0 = min(calls[i].cx for i in idx) - h
+                fy1 = max(calls[i].cy for i in idx) - h + s
+                fx1 = max(calls[i].cx for i in idx) - h + s
+                H, W = fy1 - fy0, fx1 - fx0
+                p = np.zeros((len(rows), H, W), np.float32)
+                sp = np.zeros((samples.shape[0], len(rows), H, W), np.float32)
+                if len(idx) == 1:                                # a pair: both channels of one call
+                    c = calls[idx[0]]
+                    p[:, :s, :s] = prob[idx[0]]
+                    sp[:, :, :s, :s] = samples[:, idx[0]]
+                else:                                            # one member against the rest
+                    for i in idx:
+                        c = calls[i]
+                        k = rows.index(c.member)
+                        oy_, ox_ = c.cy - h - fy0, c.cx - h - fx0
+                        p[k, oy_:oy_ + s, ox_:ox_ + s] = prob[i, 0]
+                        sp[:, k, oy_:oy_ + s, ox_:ox_ + s] = samples[:, i, 0]
+                masks = DeblendRecipe.masks_from_probs(p)
+                err = DeblendRecipe.error_probability(sp[:, None], masks[None])[0]
+                self._paste(rows, masks, p, err, (fy0, fx0), seg, data, rms2, new_seg, parent, unc,
+                            x, y, flux, flux_err, npix, flags)
+
+        # new peaks that got no pixel (the network saw no galaxy there, or their blend was skipped) are dropped
+        keep = np.ones(N, bool)
+        keep[n:] = npix[n:] > 0
+        if not keep.all():
+            lut = np.zeros(N + 1, np.int64)
+            lut[1:][keep] = np.arange(1, int(keep.sum()) + 1)
+            new_seg, parent = lut[new_seg], lut[parent]
+            for g in groups:
+                n_children[g] = int(keep[g].sum())
+        out.maps["segmentation"] = new_seg
+        out.maps["parent"] = parent
+        out.maps["uncertainty"] = unc
+        cols = {"x": x, "y": y, "parent_id": np.full(N, -1, np.int64), "flux": flux, "flux_err": flux_err,
+                "n_children": n_children, "npix": npix, "sep_flux": sep_flux, "flags": flags}
+        out.catalog = {k: v[keep] for k, v in cols.items()}
+        return out
+
+    def _paste(self, rows, masks, p, err, frame0, seg, data, rms2, new_seg, parent, unc,
+               x, y, flux, flux_err, npix, flags):
+        """Write one deblended blend (frame-shaped masks, probabilities, uncertainty) into the window."""
+        fy0, fx0 = frame0
+        H, W = masks.shape[-2:]
+        wy0, wx0 = max(fy0, 0), max(fx0, 0)
+        wy1, wx1 = min(fy0 + H, seg.shape[0]), min(fx0 + W, seg.shape[1])
+        fs = (slice(wy0 - fy0, wy1 - fy0), slice(wx0 - fx0, wx1 - fx0))
+        ws = (slice(wy0, wy1), slice(wx0, wx1))
+        sub = seg[ws]
+        members = np.isin(sub, np.asarray(rows) + 1)
+        allowed = (sub == 0) | members
+        region = new_seg[ws]
+        region[members] = 0                                  # the members' sep pixels are re-assigned
+        total = p[(slice(None),) + fs].sum(axis=0)
+        share_ok = total > self.config.share_floor
+        d = data[ws].astype(np.float64)
+        yy, xx = np.mgrid[wy0:wy1, wx0:wx1]
+        for k, r in enumerate(rows):
+            m = masks[k][fs] & allowed
+            if not m.any():
+                region[(sub == r + 1)] = r + 1
+                flags[r] |= FLAG_EMPTY_MASK
+                continue
+            region[m] = r + 1
+            flags[r] |= FLAG_DEBLENDED
+            w = np.where(share_ok & allowed, p[k][fs] / np.maximum(total, 1e-12), 0.0)
+            flux[r] = float(np.sum(w * d))
+            flux_err[r] = float(np.sqrt(np.sum(w * w * rms2[ws])))
+            wt = np.clip(d[m], 0, None)
+            if wt.sum() > 0:
+                y[r], x[r] = float(np.sum(wt * yy[m]) / wt.sum()), float(np.sum(wt * xx[m]) / wt.sum())
+            else:
+                y[r], x[r] = float(yy[m].mean()), float(xx[m].mean())
+            npix[r] = int(m.sum())
+        claimed = (region > 0) & allowed
+        parent[ws][claimed | members] = rows[0] + 1
+        unc[ws][allowed] = np.maximum(unc[ws][allowed], err[fs][allowed])

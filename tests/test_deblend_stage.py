@@ -1,0 +1,185 @@
+"""The deblend stage: contract, pass-through without blends, isolated galaxies, blends of three, skips, seams."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deepmosaic.pipeline.errors import ConfigError
+from deepmosaic.pipeline.simulate import make_psf, render_profile
+from deepmosaic.tasks import get_task_class
+from deepmosaic.tasks.base import TileInput
+from deepmosaic.tasks.deblend_task import (DEBLEND_COLUMNS, DEBLEND_MAPS, FLAG_DEBLENDED, FLAG_SKIPPED,
+                                           DeblendTask, find_blends)
+from deepmosaic.tasks.sep_task import SepTask
+
+FWHM = 4.0  # px: 0.8" at LSST's 0.2"/px
+
+
+def galaxies(shape, objs, seed=0):
+    """Noise-free images [k, H, W] of bulge + disk galaxies ``objs`` = [(y, x, flux, hlr, q, angle), ...]
+    and the noisy sum (unit noise)."""
+    psf = make_psf(FWHM, 3.0)
+    light = np.zeros((len(objs),) + tuple(shape))
+    for k, (y, x, flux, hlr, q, angle) in enumerate(objs):
+        st = render_profile(flux, x, y, psf=psf, hlr=hlr, q=q, angle=angle, bulge_frac=0.3, shape=shape,
+                            origin=(0, 0))
+        light[k] = st.array
+    noise = np.random.default_rng(seed).standard_normal(shape)
+    return light, (light.sum(0) + noise).astype(np.float32)
+
+
+def tile_of(image):
+    H, W = image.shape
+    return TileInput(image=image, background=np.zeros_like(image), rms=np.ones_like(image), global_rms=1.0,
+                     mask=np.zeros(image.shape, bool), variance=None, origin=(0, 0),
+                     core=(slice(0, H), slice(0, W)))
+
+
+def run_stages(image, **deblend_cfg):
+    ti = tile_of(image)
+    ti.upstream["sep"] = SepTask().run(ti)
+    return ti.upstream["sep"], DeblendTask({"device": "cpu", **deblend_cfg}).run(ti)
+
+
+def label_at(seg, y, x):
+    return int(seg[int(round(y)), int(round(x))])
+
+
+# a triple: three galaxies about 3 PSF widths apart, footprints merged
+TRIPLE = [(64.0, 60.0, 4000.0, 4.0, 0.8, 10.0), (64.0, 74.0, 2500.0, 3.0, 0.7, 80.0),
+          (77.0, 67.0, 2000.0, 3.0, 0.9, 40.0)]
+
+
+def test_registered_and_config_errors():
+    assert get_task_class("deblend") is DeblendTask
+    with pytest.raises(ConfigError, match="halo"):
+        DeblendTask({"halo": 10})
+    with pytest.raises(ConfigError, match="stamp"):
+        DeblendTask({"stamp": 100})
+    with pytest.raises(ConfigError, match="nope"):
+        DeblendTask({"nope": 1})
+
+
+def test_contract_outputs_shapes_schema_flags():
+    _, image = galaxies((128, 160), TRIPLE[:2] + [(30.0, 130.0, 3000.0, 3.0, 0.8, 0.0)])
+    sep_out, out = run_stages(image)
+    assert set(out.maps) == set(DEBLEND_MAPS)
+    for name, spec in DEBLEND_MAPS.items():
+        assert out.maps[name].shape == image.shape and out.maps[name].dtype == np.dtype(spec.dtype)
+    assert set(out.catalog) == set(DEBLEND_COLUMNS)
+    n = len(sep_out.catalog["x"])
+    for name, col in DEBLEND_COLUMNS.items():
+        assert out.catalog[name].shape == (n,) and out.catalog[name].dtype == np.dtype(col.dtype), name
+    seg = out.maps["segmentation"]
+    assert seg.min() >= 0 and seg.max() <= n
+    unc = out.maps["uncertainty"]
+    assert np.all((unc >= 0) & (unc <= 1))
+    flags = out.catalog["flags"]
+    deblended = (flags & FLAG_DEBLENDED) > 0
+    assert deblended.sum() == 2 and (out.catalog["n_children"][deblended] == 2).all()
+    assert (out.catalog["n_children"][~deblended] == 1).all()
+    # the isolated galaxy keeps sep's footprint, position and flux exactly
+    iso = int(np.flatnonzero(~deblended)[0])
+    assert np.array_equal(seg == iso + 1, sep_out.maps["segmentation"] == iso + 1)
+    assert out.catalog["flux"][iso] == sep_out.catalog["flux"][iso]
+    assert np.all(unc[seg == iso + 1] == 0)
+    # the blend's region carries its primary (brightest) member in the parent map
+    primary = int(np.argmax(np.where(deblended, sep_out.catalog["flux"], -np.inf)))
+    assert set(np.unique(out.maps["parent"])) == {0, primary + 1}
+    assert out.maps["parent"][seg == primary + 1].min() == primary + 1
+    assert (unc[out.maps["parent"] > 0] > 0).any()
+
+
+def test_field_without_blends_passes_through():
+    objs = [(40.0 + 90 * (i // 3), 40.0 + 90 * (i % 3), 1500.0 + 700 * i, 2.5 + 0.4 * i, 0.7, 30.0 * i)
+            for i in range(6)]
+    _, image = galaxies((220, 260), objs, seed=3)
+    sep_out, out = run_stages(image)
+    assert len(sep_out.catalog["x"]) == 6
+    assert np.array_equal(out.maps["segmentation"], sep_out.maps["segmentation"])
+    assert not out.maps["parent"].any() and not out.maps["uncertainty"].any()
+    for c in ("x", "y", "flux", "flux_err"):
+        assert np.array_equal(out.catalog[c], sep_out.catalog[c])
+    assert not out.catalog["flags"].any() and (out.catalog["n_children"] == 1).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_isolated_galaxy_never_split(seed):
+    rng = np.random.default_rng(seed)
+    obj = (48.0 + rng.uniform(-1, 1), 48.0 + rng.uniform(-1, 1), float(rng.uniform(2e3, 2e4)),
+           float(rng.uniform(2, 6)), float(rng.uniform(0.4, 1)), float(rng.uniform(0, 180)))
+    _, image = galaxies((96, 96), [obj], seed=seed)
+    sep_out, out = run_stages(image)
+    seg = out.maps["segmentation"]
+    assert len(np.unique(seg[seg > 0])) == len(sep_out.catalog["x"]) == 1
+    assert not out.catalog["flags"].any()
+
+
+def test_three_member_blend_one_member_against_the_rest():
+    light, image = galaxies((128, 128), TRIPLE, seed=5)
+    sep_out, out = run_stages(image)
+    seg, cat = out.maps["segmentation"], out.catalog
+    assert len(cat["x"]) == 3, "sep must see three members for this test to mean something"
+    assert (cat["n_children"] == 3).all() and ((cat["flags"] & FLAG_DEBLENDED) > 0).all()
+    owners = [label_at(seg, y, x) for y, x, *_ in TRIPLE]
+    assert sorted(owners) == [1, 2, 3], owners          # each true centre in its own mask
+    truth = np.where(light.max(0) > 1.0, light.argmax(0) + 1, 0)
+    from deepmosaic.pipeline.metrics import iou
+    for k, lab in enumerate(owners):
+        assert iou(truth == k + 1, seg == lab) > 0.6
+    # fluxes shared by the masks add up to (about) the blend's light
+    assert abs(cat["flux"].sum() / light.sum() - 1) < 0.15
+
+
+def test_too_many_members_or_too_large_is_skipped_with_flag():
+    _, image = galaxies((128, 128), TRIPLE, seed=5)
+    for cfg in ({"max_members": 2}, {"stamp": 32, "halo": 64}):
+        sep_out, out = run_stages(image, **cfg)
+        assert ((out.catalog["flags"] & FLAG_SKIPPED) > 0).all()
+        assert np.array_equal(out.maps["segmentation"], sep_out.maps["segmentation"])
+        assert not out.maps["uncertainty"].any()
+
+
+def test_find_blends_touching_and_distance():
+    seg = np.zeros((10, 30), np.int64)
+    seg[2:5, 2:5], seg[2:5, 5:8], seg[2:5, 20:23] = 1, 2, 3
+    x, y = np.array([3.0, 6.0, 21.0]), np.array([3.0, 3.0, 3.0])
+    groups, by_dist = find_blends(seg, x, y, 0.0)
+    assert [g.tolist() for g in groups] == [[0, 1]] and not by_dist.any()
+    groups, by_dist = find_blends(seg, x, y, 16.0)
+    assert [g.tolist() for g in groups] == [[0, 1, 2]] and by_dist.tolist() == [False, False, True]
+
+
+def test_blend_straddling_a_seam_is_deblended_once(tmp_path):
+    from astropy.io import fits
+
+    from deepmosaic.pipeline import store as st
+    from deepmosaic.workflows import run
+    # a pair across the vertical seam at x = 128 of a 128 px tiling, plus an isolated galaxy
+    objs = [(100.0, 122.0, 5000.0, 4.0, 0.8, 20.0), (104.0, 135.0, 3000.0, 3.0, 0.6, 100.0),
+            (40.0, 40.0, 3000.0, 3.0, 0.8, 0.0)]
+    _, image = galaxies((200, 256), objs, seed=7)
+    fits.writeto(tmp_path / "seam.fits", image + 100.0)
+    segs, cats = {}, {}
+    for tile in (128, 256):
+        store = tmp_path / f"t{tile}.zarr"
+        run(str(tmp_path / "seam.fits"), str(store), stages="sep,deblend", tile=tile, workers=0,
+            set=["deblend.device=cpu"])
+        z = st.open_store(str(store))
+        segs[tile] = z["maps/deblend/segmentation"][:]
+        cats[tile] = st.read_catalog(str(store), "deblend")
+    tiled, whole = segs[128], segs[256]
+    cat = cats[128]
+    pair = [label_at(tiled, y, x) for y, x, *_ in objs[:2]]
+    assert 0 not in pair and pair[0] != pair[1]
+    assert len(cat["id"]) == len(np.unique(cat["id"])) == len(cats[256]["id"]) == 3
+    assert set(np.unique(tiled[tiled > 0])) == set(cat["id"])           # every label has one catalog row
+    members = np.isin(cat["id"], pair)
+    assert (cat["n_children"][members] == 2).all()
+    assert (cat["tile_col"][members] == [0, 1]).all() or (cat["tile_col"][members] == [1, 0]).all()
+    # the parent link is the same for both members, across the seam
+    assert len(set(cat["parent_id"][members])) == 1 and cat["parent_id"][members][0] in pair
+    # tiled == untiled up to relabelling
+    from deepmosaic.pipeline.metrics import label_iou_matrix
+    _, _, m = label_iou_matrix(whole, tiled, dense=True)
+    assert m.shape == (3, 3) and np.all(m.max(axis=1) > 0.99)
