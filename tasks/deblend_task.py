@@ -26,8 +26,9 @@ What it does on one tile window
    of a stamp are seeded by its centre in mosaic pixels, so the two tiles that see a blend straddling a seam
    compute the same values.
 6. **Fluxes** of members: the background-subtracted image shared between the members in proportion to their
-   probabilities (``flux = sum(data * p_k / sum_j p_j)`` over pixels where ``sum_j p_j > share_floor``), and its
-   background error. Isolated objects keep sep's AUTO flux and error.
+   probabilities (``sum(data * p_k / sum_j p_j)`` over pixels where ``sum_j p_j > share_floor``), plus the
+   light of a ring ``flux_wings`` px wide around that region (the wings below the 1-sigma edge of the masks),
+   split in proportion to those shares; with its background error. Isolated objects keep sep's AUTO flux.
 
 Seams: a member belongs to the tile whose core holds its centroid (the intensity-weighted centroid of its
 mask, computed from the same pixels in every window that holds the whole blend); the runner links the
@@ -36,6 +37,7 @@ member, from which the runner fills ``parent_id`` after stitching.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,8 +64,9 @@ DEBLEND_COLUMNS = {
     "y": Column("f8", "pix", "y, 0-based mosaic pixels"),
     "parent_id": Column("i8", "", "id (in this catalog) of the primary, brightest member of the object's blend; "
                                   "-1 for isolated objects (filled from maps/deblend/parent after stitching)"),
-    "flux": Column("f8", "", "members: background-subtracted image flux shared by the network's probabilities; "
-                             "isolated objects: sep's AUTO flux; image units"),
+    "flux": Column("f8", "", "members: background-subtracted image flux shared by the network's probabilities "
+                             "(plus a ring of wings, see flux_wings); isolated objects: sep's AUTO flux; "
+                             "image units"),
     "flux_err": Column("f8", "", "1-sigma background error of flux"),
     "n_children": Column("i8", "", "members of the object's blend (1: isolated)"),
     "npix": Column("i8", "pix2", "pixels of the object's mask"),
@@ -108,6 +111,8 @@ class DeblendConfig:
                               "deterministic prediction's own ambiguity only).")
     share_floor: float = field(0.02, "Flux sharing: pixels where the members' summed probability is below "
                                      "this count for no member.")
+    flux_wings: int = field(4, "Member fluxes also take the light of a ring this wide (px) around the shared "
+                               "region, split in proportion to the members' shares (0: none).")
     batch_size: int = field(32, "Stamps per forward call.")
     device: str = field("auto", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
 
@@ -129,6 +134,7 @@ class DeblendConfig:
         require(0 <= self.peak_rel_dip < 1, w, "peak_rel_dip", self.peak_rel_dip, "must be in [0, 1).")
         require(0 <= self.n_samples <= 64, w, "n_samples", self.n_samples, "must be in [0, 64].")
         require(0 < self.share_floor < 1, w, "share_floor", self.share_floor, "must be in (0, 1).")
+        require(0 <= self.flux_wings <= 32, w, "flux_wings", self.flux_wings, "must be in [0, 32] px.")
         require(self.batch_size >= 1, w, "batch_size", self.batch_size, "must be >= 1.")
         dev = self.device
         require(isinstance(dev, str) and (dev in ("auto", "cpu", "cuda")
@@ -440,6 +446,25 @@ class DeblendTask(Task):
         out.catalog = {k: v[keep] for k, v in cols.items()}
         return out
 
+    def _share_flux(self, shared, core, allowed, d, rms2, flux, flux_err):
+        """Member fluxes: the image shared by the probabilities over ``core``, plus the light of a ring of
+        ``flux_wings`` px around it (galaxy wings below the masks' 1-sigma edge), split between the members
+        in proportion to their shares of the core."""
+        if not shared:
+            return
+        core_flux = {r: float(np.sum(w * d)) for r, w in shared.items()}
+        var = {r: float(np.sum(w * w * rms2)) for r, w in shared.items()}
+        ring = np.zeros_like(core)
+        if self.config.flux_wings > 0 and core.any():
+            ring = ndimage.binary_dilation(core, iterations=self.config.flux_wings) & allowed & ~core
+        pos = {r: max(f, 0.0) for r, f in core_flux.items()}
+        total = sum(pos.values())
+        ring_flux, ring_var = float(np.sum(d[ring])), float(np.sum(rms2[ring]))
+        for r in shared:
+            frac = pos[r] / total if total > 0 else 0.0
+            flux[r] = core_flux[r] + frac * ring_flux
+            flux_err[r] = math.sqrt(var[r] + frac * frac * ring_var)
+
     def _paste(self, rows, masks, p, err, frame0, seg, data, rms2, new_seg, parent, unc,
                x, y, flux, flux_err, npix, flags):
         """Write one deblended blend (frame-shaped masks, probabilities, uncertainty) into the window."""
@@ -458,6 +483,7 @@ class DeblendTask(Task):
         share_ok = total > self.config.share_floor
         d = data[ws].astype(np.float64)
         yy, xx = np.mgrid[wy0:wy1, wx0:wx1]
+        shared = {}
         for k, r in enumerate(rows):
             m = masks[k][fs] & allowed
             if not m.any():
@@ -466,15 +492,14 @@ class DeblendTask(Task):
                 continue
             region[m] = r + 1
             flags[r] |= FLAG_DEBLENDED
-            w = np.where(share_ok & allowed, p[k][fs] / np.maximum(total, 1e-12), 0.0)
-            flux[r] = float(np.sum(w * d))
-            flux_err[r] = float(np.sqrt(np.sum(w * w * rms2[ws])))
+            shared[r] = np.where(share_ok & allowed, p[k][fs] / np.maximum(total, 1e-12), 0.0)
             wt = np.clip(d[m], 0, None)
             if wt.sum() > 0:
                 y[r], x[r] = float(np.sum(wt * yy[m]) / wt.sum()), float(np.sum(wt * xx[m]) / wt.sum())
             else:
                 y[r], x[r] = float(yy[m].mean()), float(xx[m].mean())
             npix[r] = int(m.sum())
+        self._share_flux(shared, share_ok & allowed, allowed, d, rms2[ws], flux, flux_err)
         claimed = (region > 0) & allowed
         parent[ws][claimed | members] = rows[0] + 1
         unc[ws][allowed] = np.maximum(unc[ws][allowed], err[fs][allowed])

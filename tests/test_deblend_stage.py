@@ -183,3 +183,19 @@ def test_blend_straddling_a_seam_is_deblended_once(tmp_path):
     from deepmosaic.pipeline.metrics import label_iou_matrix
     _, _, m = label_iou_matrix(whole, tiled, dense=True)
     assert m.shape == (3, 3) and np.all(m.max(axis=1) > 0.99)
+
+
+def test_secondary_peak_inside_one_sep_footprint_becomes_a_member():
+    from deepmosaic.tasks.deblend_task import FLAG_NEW_PEAK
+    objs = [(48.0, 44.0, 5000.0, 3.0, 0.8, 20.0), (48.0, 52.0, 2500.0, 2.5, 0.7, 100.0)]   # 2 PSF FWHM apart
+    _, image = galaxies((96, 96), objs, seed=1)
+    sep_out, out = run_stages(image)
+    assert len(sep_out.catalog["x"]) == 1, "sep must leave this pair as one object for the test to mean something"
+    cat, seg = out.catalog, out.maps["segmentation"]
+    assert len(cat["x"]) == 2 and (cat["n_children"] == 2).all()
+    assert ((cat["flags"] & FLAG_NEW_PEAK) > 0).tolist() == [False, True]
+    assert np.isnan(cat["sep_flux"][1]) and np.isfinite(cat["flux"]).all()
+    assert sorted(label_at(seg, y, x) for y, x, *_ in objs) == [1, 2]
+    # switched off, the footprint passes through
+    _, off = run_stages(image, find_peaks=False)
+    assert np.array_equal(off.maps["segmentation"], sep_out.maps["segmentation"])

@@ -14,7 +14,7 @@ TINY = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 4, "val_size": 6, "pool
         "model": {"depth": 2, "base_channels": 4}}
 
 
-@pytest.mark.parametrize("kind", sorted(RECIPES))
+@pytest.mark.parametrize("kind", sorted(set(RECIPES) - {"morphology"}))  # dense maps; morphology: its own test
 def test_tiny_training_run_saves_a_loadable_model_with_card(kind, tmp_path):
     card = train({"kind": kind, **TINY}, str(tmp_path), progress=False)
     assert card["training_set"]["kind"] == RECIPES[kind].data_kind
@@ -27,7 +27,7 @@ def test_tiny_training_run_saves_a_loadable_model_with_card(kind, tmp_path):
     x, _ = recipe.inputs_targets(recipe.batch("test", 1, 2))
     with torch.no_grad():
         out = model(x)
-    first = out["heatmap"] if isinstance(out, dict) else out
+    first = out["heatmap"] if isinstance(out, dict) else getattr(out, "logits", out)  # prob_unet: a named tuple
     assert torch.isfinite(first).all() and first.shape[-2:] == x.shape[-2:]
 
 
