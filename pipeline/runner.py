@@ -269,7 +269,9 @@ def stage_parts(tasks, ex) -> list[tuple[tuple[int, int], dict]]:
     """Consecutive runs of stages that need the same Dask resources, as ``((start, stop), resources)``.
 
     A stage's resources (``Task.resources``, e.g. ``{"GPU": 1}``) count only where some worker of the
-    executor declares them; on a CPU-only cluster every stage runs anywhere, in one part.
+    executor declares them; on a CPU-only cluster every stage runs anywhere, in one part. On a mixed
+    cluster whose CPU workers declare ``CPU`` (the workflow clusters do), the other parts go to those,
+    so that the GPU workers are kept for the model stages.
     """
     routes = getattr(ex, "routes", lambda resources: False)  # wrappers that only map (benchmarks)
     parts: list[tuple[tuple[int, int], dict]] = []
@@ -279,6 +281,8 @@ def stage_parts(tasks, ex) -> list[tuple[tuple[int, int], dict]]:
             parts[-1] = ((parts[-1][0][0], i + 1), res)
         else:
             parts.append(((i, i + 1), res))
+    if any(res for _, res in parts) and routes({"CPU": 1}):
+        parts = [(span, res or {"CPU": 1}) for span, res in parts]
     return parts or [((0, 0), {})]
 
 

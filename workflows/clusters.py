@@ -70,7 +70,8 @@ def local_cluster(spec: ClusterSpec, output: str):
         **({"dashboard_address": dash} if dash else {"dashboard": False})}}
     common = {"nthreads": 1, "host": "127.0.0.1", "security": security, "local_directory": scratch,
               "silence_logs": logging.ERROR}
-    workers = {f"cpu-{i}": {"cls": Nanny, "options": dict(common)} for i in range(n)}
+    # CPU workers declare CPU=1 so that, next to GPU workers, the CPU stages can be kept off the GPU ones
+    workers = {f"cpu-{i}": {"cls": Nanny, "options": {**common, "resources": {"CPU": 1}}} for i in range(n)}
     for i in range(spec.gpus):
         workers[f"gpu-{i}"] = {"cls": Nanny, "options": {**common, "resources": {"GPU": 1},
                                                          "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
@@ -136,7 +137,7 @@ def jobqueue_kwargs(spec: ClusterSpec, output: str, secrets: str | None) -> dict
         if spec.kind == "slurm":
             directives.append("--gres=gpu:1")
     kw = dict(cores=spec.cores, processes=spec.processes, memory=spec.memory, walltime=spec.walltime,
-              queue=spec.queue, account=spec.account, job_extra_directives=directives,
+              queue=spec.queue, job_extra_directives=directives,
               job_script_prologue=list(spec.job_script_prologue), worker_extra_args=extra_args,
               local_directory=inside(output, spec.local_directory, "cluster.local_directory"),
               log_directory=inside(output, spec.log_directory, "cluster.log_directory"),
@@ -144,6 +145,8 @@ def jobqueue_kwargs(spec: ClusterSpec, output: str, secrets: str | None) -> dict
               scheduler_options={"dashboard_address": spec.dashboard_address or ":0"} if spec.dashboard_address
               else {"dashboard": False},
               job_name="deepmosaic")
+    if spec.account:
+        kw["account" if spec.kind == "slurm" else "project"] = spec.account
     if secrets:
         kw["shared_temp_directory"] = secrets
     return kw
@@ -184,6 +187,10 @@ def _batch(spec: ClusterSpec, output: str):
     finally:
         if cluster is not None:
             cluster.close()  # cancels the jobs
+            for k in ("_job_ca_file", "_job_cert", "_job_key"):  # the jobs' credential files: deleted on close
+                f = getattr(cluster, k, None)
+                if f is not None:
+                    f.close()
         if secrets:
             shutil.rmtree(secrets, ignore_errors=True)
 
