@@ -7,6 +7,13 @@ The U-Net body gives full-resolution features; three small heads (3x3 conv -> Re
 - ``size``: (B, 2, H, W) object ``(w, h)`` in pixels, read at centre pixels;
 - ``offset``: (B, 2, H, W) sub-pixel ``(dy, dx) = (y - round(y), x - round(x))``, in [-0.5, 0.5].
 
+With ``class_head=True`` the heatmap has a single *objectness* channel (target: the max over the class
+heatmaps) and a fourth head gives ``class``: (B, K, H, W) class logits, trained with cross-entropy at the
+centre pixels only. Per-class heatmaps make an object whose class is uncertain (a compact galaxy, a star in
+a blend) split its score over two channels: two weak peaks at one position, one of them a duplicate after
+per-class peak finding, and neither above a useful threshold. One objectness channel detects the object
+once, whatever its class.
+
 :func:`decode` turns these into objects: local maxima of the heatmap in 3x3 neighbourhoods (the max-pool
 non-maximum suppression), above a score threshold, top ``k`` per image. Coordinates are 0-based pixels of the
 input, ``[y, x]``, with pixel centres at integers.
@@ -32,7 +39,7 @@ HEADS = ("heatmap", "size", "offset")
 
 #: one row per detected object (see :func:`decode`)
 DETECTION_DTYPE = np.dtype([("y", "f8"), ("x", "f8"), ("score", "f4"), ("class_id", "i4"),
-                            ("w", "f4"), ("h", "f4")])
+                            ("w", "f4"), ("h", "f4"), ("class_prob", "f4")])
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,8 @@ class CenterNetConfig:
     pad_mode: str = field("reflect", "padding up to a multiple of 2**depth: 'reflect' | 'replicate' | 'zeros'")
     head_channels: int = field(16, "hidden channels of each head's 3x3 conv")
     heatmap_prior: float = field(0.1, "initial heatmap probability (sets the heatmap bias; CenterNet uses 0.1)")
+    class_head: bool = field(False, "one objectness heatmap channel + a class-logit head (True), or one "
+                                    "heatmap channel per class (False, the original CenterNet)")
 
     def validate(self) -> None:
         w = "centernet"
@@ -58,6 +67,7 @@ class CenterNetConfig:
                 "class names must be distinct.")
         require(self.head_channels >= 1, w, "head_channels", self.head_channels, "use at least 1 channel.")
         require(0 < self.heatmap_prior < 1, w, "heatmap_prior", self.heatmap_prior, "use a value in (0, 1).")
+        require(isinstance(self.class_head, bool), w, "class_head", self.class_head, "use true or false.")
 
     @property
     def n_classes(self) -> int:
@@ -78,7 +88,10 @@ def _head(c_in: int, hidden: int, c_out: int) -> nn.Sequential:
 
 @register("centernet", CenterNetConfig)
 class CenterNet(HaloMixin, nn.Module):
-    """(B, in_channels, H, W) -> {'heatmap': (B, K, H, W) logits, 'size': (B, 2, H, W), 'offset': (B, 2, H, W)}."""
+    """(B, in_channels, H, W) -> {'heatmap': (B, K, H, W) logits, 'size': (B, 2, H, W), 'offset': (B, 2, H, W)}.
+
+    With ``class_head``: 'heatmap' is (B, 1, H, W) objectness logits and 'class' (B, K, H, W) class logits.
+    """
 
     _head_radius = 1  # the heads' 3x3 conv
 
@@ -87,9 +100,12 @@ class CenterNet(HaloMixin, nn.Module):
         cfg = self.config = coerce_config(CenterNetConfig, config, kwargs, "centernet")
         self.body = UNetBody(cfg.unet_config())
         f = self.body.out_channels
-        self.heads = nn.ModuleDict({"heatmap": _head(f, cfg.head_channels, cfg.n_classes),
-                                    "size": _head(f, cfg.head_channels, 2),
-                                    "offset": _head(f, cfg.head_channels, 2)})
+        n_heat = 1 if cfg.class_head else cfg.n_classes
+        heads = {"heatmap": _head(f, cfg.head_channels, n_heat), "size": _head(f, cfg.head_channels, 2),
+                 "offset": _head(f, cfg.head_channels, 2)}
+        if cfg.class_head:
+            heads["class"] = _head(f, cfg.head_channels, cfg.n_classes)
+        self.heads = nn.ModuleDict(heads)
         nn.init.constant_(self.heads["heatmap"][-1].bias, -math.log((1 - cfg.heatmap_prior) / cfg.heatmap_prior))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -99,20 +115,44 @@ class CenterNet(HaloMixin, nn.Module):
         return {name: head(feats)[..., :h, :w] for name, head in self.heads.items()}
 
     def loss(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
-             size_weight: float = 0.1, offset_weight: float = 1.0):
+             size_weight: float = 0.1, offset_weight: float = 1.0, class_weight: float = 0.5):
         """CenterNet loss: focal(heatmap) + size_weight * L1(size) + offset_weight * L1(offset).
 
         ``targets`` as from :func:`encode_targets` (an optional ``'weight'`` (B, 1|K, H, W) map removes
         pixels from the heatmap loss). Returns ``(total, {'heatmap', 'size', 'offset'})``.
+
+        With ``class_head`` the objectness target is the max of the per-class target heatmaps, and
+        ``class_weight`` * cross-entropy of the class logits at the centre pixels (class = the target
+        channel holding 1 there) is added (``'class'`` in the parts).
         """
-        hm = losses.centernet_focal(outputs["heatmap"], targets["heatmap"], weight=targets.get("weight"))
+        heat_t = targets["heatmap"]
+        if self.config.class_head:
+            heat_t = heat_t.amax(1, keepdim=True)
+        hm = losses.centernet_focal(outputs["heatmap"], heat_t, weight=targets.get("weight"))
         sz = losses.masked_l1(outputs["size"], targets["size"], targets["mask"])
         off = losses.masked_l1(outputs["offset"], targets["offset"], targets["mask"])
-        return hm + size_weight * sz + offset_weight * off, {"heatmap": hm, "size": sz, "offset": off}
+        parts = {"heatmap": hm, "size": sz, "offset": off}
+        total = hm + size_weight * sz + offset_weight * off
+        if self.config.class_head:
+            parts["class"] = centre_class_loss(outputs["class"], targets["heatmap"], targets["mask"])
+            total = total + class_weight * parts["class"]
+        return total, parts
 
     def decode(self, outputs: Mapping[str, torch.Tensor], threshold: float = 0.3, k: int = 100):
         """See :func:`decode`."""
         return decode(outputs, threshold=threshold, k=k)
+
+
+def centre_class_loss(class_logits: torch.Tensor, heatmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``class_logits`` (B, K, H, W) at the pixels where ``mask`` (B, 1, H, W) is set;
+    the class there is the channel of the target ``heatmap`` (B, K, H, W) with the largest value (1 at the
+    centre pixel of an object of that class). 0 when the mask is empty."""
+    sel = mask[:, 0] > 0
+    if not bool(sel.any()):
+        return class_logits.sum() * 0.0
+    logits = class_logits.permute(0, 2, 3, 1)[sel]
+    target = heatmap.permute(0, 2, 3, 1)[sel].argmax(-1)
+    return F.cross_entropy(logits.float(), target)
 
 
 def encode_targets(objects: Sequence[Mapping[str, Sequence[float]]], shape: tuple[int, int], n_classes: int,
@@ -174,7 +214,10 @@ def decode(outputs: Mapping[str, torch.Tensor], threshold: float = 0.3, k: int =
     -------
     list of B structured arrays of dtype :data:`DETECTION_DTYPE`, sorted by decreasing score:
     ``y``, ``x`` (0-based input pixels, centre pixel + offset), ``score``, ``class_id``, ``w``, ``h``
-    (sizes clipped at 0). A pixel is a peak when its logit equals the maximum of its 3x3 neighbourhood
+    (sizes clipped at 0), ``class_prob`` (softmax probability of ``class_id`` from the ``'class'`` head, or
+    the score for per-class heatmaps). When ``outputs`` has a ``'class'`` entry (a network with
+    ``class_head``), peaks are found on the one objectness channel and the class is the argmax of the class
+    logits at the peak. A pixel is a peak when its logit equals the maximum of its 3x3 neighbourhood
     (peaks are found on logits, where sigmoid saturation cannot create ties); exactly equal neighbours both
     count as peaks.
     """
@@ -189,6 +232,7 @@ def decode(outputs: Mapping[str, torch.Tensor], threshold: float = 0.3, k: int =
     top_scores, top_idx = scores.topk(min(k, scores.shape[1]), dim=1)
     size = outputs["size"].float()
     offset = outputs["offset"].float()
+    class_p = torch.softmax(outputs["class"].float(), dim=1) if "class" in outputs else None
     result = []
     for b in range(B):
         keep = top_scores[b] >= threshold
@@ -203,7 +247,14 @@ def decode(outputs: Mapping[str, torch.Tensor], threshold: float = 0.3, k: int =
         row["y"] = iy.cpu().numpy() + off[0]
         row["x"] = ix.cpu().numpy() + off[1]
         row["score"] = top_scores[b][keep].cpu().numpy()
-        row["class_id"] = cls.cpu().numpy()
         row["w"], row["h"] = wh[0], wh[1]
+        if class_p is None:
+            row["class_id"] = cls.cpu().numpy()
+            row["class_prob"] = row["score"]
+        else:
+            cp = class_p[b][:, iy, ix]
+            best = cp.argmax(0)
+            row["class_id"] = best.cpu().numpy()
+            row["class_prob"] = cp.gather(0, best[None])[0].cpu().numpy()
         result.append(row)
     return result

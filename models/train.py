@@ -54,6 +54,8 @@ class TrainConfig:
     device: str = field("auto", "auto | cpu | cuda: auto takes CUDA (with bf16 autocast) when present")
     threads: int = field(0, "CPU threads for torch (0: all cores)")
     weights_dtype: str = field("float16", "dtype of the saved weights on disk: float16 | float32")
+    init: str = field(None, "fine-tune: start from these weights (NAME.safetensors + card) instead of a random "
+                            "initialisation (the recipe maps them onto the new network; see Recipe.init_from)")
 
     def validate(self):
         w = "train"
@@ -94,6 +96,10 @@ class Recipe:
         """Noise-free training scenes (a new set per generation); batches add fresh noise and flips."""
         return self.datasets.StampPool(self.data_kind, self.data_config, seed=seed, size=size, split="train",
                                        start=generation * size)
+
+    def init_from(self, model, source) -> None:
+        """Start ``model`` from a trained ``source`` network: by default every tensor, strictly."""
+        model.load_state_dict(source.state_dict())
 
     def inputs_targets(self, batch: dict):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -278,14 +284,34 @@ class DeblendRecipe(Recipe):
 
 
 class DetectRecipe(Recipe):
-    """CenterNet: centre heatmap (focal loss, objects at S/N 1.5-4 left out), box size and offset (L1).
-    Validation: F1 of decoded peaks (threshold 0.3) against objects with S/N >= 10 within 2 px."""
+    """CenterNet: objectness heatmap (focal loss, objects at S/N 1.5-4 left out), star/galaxy class head
+    (cross-entropy at centres), box size and offset (L1). Validation: F1 of decoded peaks (threshold 0.3)
+    against objects with S/N >= 10 within 2 px."""
 
     arch = "centernet"
     data_kind = "fields"
-    default_model = {"in_channels": 1, "depth": 3, "base_channels": 16}
+    default_model = {"in_channels": 1, "depth": 3, "base_channels": 16, "class_head": True}
     score_name = "f1"
     threshold = 0.3
+
+    def init_from(self, model, source):
+        """As the base recipe; a source with per-class heatmaps (``class_head=False``) maps onto a class-head
+        network: body, size and offset heads as they are; the class head starts as the old heatmap head
+        (its per-class logits rank the classes); the objectness head as the old heatmap head with its
+        last layer averaged over the classes."""
+        if model.config.class_head == source.config.class_head:
+            return super().init_from(model, source)
+        if source.config.class_head or source.config.n_classes != model.config.n_classes:
+            raise ConfigError("train.init: can map per-class heatmap weights onto a class-head network with "
+                              "the same classes only; train from scratch (no init) instead.")
+        state = source.state_dict()
+        for key in [k for k in state if k.startswith("heads.heatmap.")]:
+            state["heads.class." + key[len("heads.heatmap."):]] = state[key].clone()
+        last = max(k for k in state if k.startswith("heads.heatmap.") and k.endswith(".weight"))
+        for key in (last, last[:-len("weight")] + "bias"):
+            state[key] = state[key].mean(0, keepdim=True)
+        model.load_state_dict(state)
+
 
     def inputs_targets(self, batch):
         from .datasets import centernet_targets
@@ -359,7 +385,11 @@ def train(config: TrainConfig | dict, out_dir: str, resume: bool = False, progre
     if device.type == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = build(recipe.arch, **{**recipe.default_model, **(cfg.model or {})}).to(device)
+    model = build(recipe.arch, **{**recipe.default_model, **(cfg.model or {})})
+    if cfg.init:
+        from .weights_io import load_model
+        recipe.init_from(model, load_model(cfg.init))
+    model = model.to(device)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * cfg.steps_per_epoch)
@@ -432,7 +462,15 @@ def train(config: TrainConfig | dict, out_dir: str, resume: bool = False, progre
             "extra": {"train_config": to_dict(cfg), "epochs_run": state["epoch"], "best_epoch": state.get("best_epoch"),
                       "minutes": round(state["seconds"] / 60, 2), "device": device.type,
                       "history": state["history"]}}
+    card["extra"]["init_sha256"] = _init_sha(cfg.init)
     return save_model(model, os.path.join(out_dir, cfg.kind), card, dtype=cfg.weights_dtype, overwrite=True)
+
+
+def _init_sha(init):
+    if not init:
+        return None
+    from .weights_io import read_card
+    return read_card(init).get("weights", {}).get("sha256")
 
 
 class _null:

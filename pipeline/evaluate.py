@@ -34,7 +34,7 @@ import os
 
 import numpy as np
 
-from . import eval_deblend, metrics
+from . import eval_deblend, eval_detect, metrics
 from .errors import InputError, StoreError
 from .store import open_store, read_catalog
 from .truth import read_truth
@@ -390,6 +390,8 @@ def evaluate_store(store_path, truth_path, max_sep=2.0, stages=None) -> dict:
         attrs = {"summary": summary, "truth": os.path.abspath(truth_path), "max_sep": max_sep,
                  "zeropoint": zp, "has_segmentation": bool(has_seg), "created": created,
                  "baselines": list(BASELINES), "snr_cut": SNR_CUT}
+        attrs["detection"] = eval_detect.for_stage(store_path, stage, table, segmap, found[stage])
+        out.setdefault("_detection", {})[stage] = attrs["detection"]
         deblend = eval_deblend.for_stage(root, stage, segmap)
         if deblend:
             attrs["deblend"] = out.setdefault("_deblend", {})[stage] = deblend
@@ -475,5 +477,6 @@ def format_summary(summary: dict) -> str:
         for base, d in vs.items():
             lines.append(f"{stage} vs {base} (true objects): both {d['both_found']}, only {stage} "
                          f"{d['only_stage']}, only {base} {d['only_baseline']}, neither {d['neither']}")
+    lines.extend(eval_detect.format_lines(summary.get("_detection")))
     lines.extend(eval_deblend.format_lines(summary.get("_deblend")))
     return "\n".join(lines)

@@ -36,6 +36,11 @@ def _load_optional():
         STAGES.setdefault("deblend", DeblendTask)
     except ImportError:
         pass
+    try:
+        from .detect_task import DetectTask
+        STAGES.setdefault("detect", DetectTask)
+    except ImportError:
+        pass
 
 
 def get_task_class(name: str) -> type[Task]:
