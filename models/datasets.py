@@ -76,7 +76,9 @@ import galsim
 import numpy as np
 
 from deepmosaic.pipeline.config import field, from_mapping, require, to_dict
-from deepmosaic.pipeline.simulate import SERSIC_N_STEP, _galaxy_extent, galaxy_profile, make_psf, render_profile
+from deepmosaic.pipeline.simulate import (SERSIC_N_STEP, SeparationGrid, _galaxy_extent, bulge_disk_radii,
+                                        clump_flags, galaxy_profile, in_ellipse, make_psf, place_clumps,
+                                        render_profile)
 
 try:  # torch is a project dependency, but the generators themselves never need it
     import torch
@@ -185,6 +187,33 @@ class ClumpSetConfig:
     nucleus_hlr_range: tuple[float, float] = field(
         (0.15, 0.4), "Nucleus half-light radius in arcsec (log-uniform): resolved, unlike a clump.")
     nucleus_sersic_n_range: tuple[float, float] = field((1.0, 2.5), "Nucleus Sersic index range.")
+    layout: str = field(
+        "stamp", "'stamp': one host at the stamp centre (the fields below are unused); 'canvas': a piece of "
+                 "mosaic: 0..N hosts anywhere (cut by the edges too), close clump pairs, clumps on bulges, "
+                 "stars and compact galaxies on the sky as decoys (see _clump_canvas_scene).")
+    hosts_range: tuple[int, int] = field((1, 3), "canvas: number of clumpy hosts when not empty (uniform).")
+    host_clumps_range: tuple[int, int] = field(
+        (0, 7), "canvas: clumps drawn per host (uniform; close companions come on top); max_clumps caps the "
+                "canvas total.")
+    empty_fraction: float = field(0.1, "canvas: fraction of canvases with no host (sky + decoys only).")
+    host_margin: float = field(0.1, "canvas: host centres are uniform over the canvas widened by this fraction "
+                                    "of its side on every side (hosts cut by the edge).")
+    pair_fraction: float = field(0.3, "canvas: each placed clump gets a close companion with this probability.")
+    pair_separation_fwhm_range: tuple[float, float] = field(
+        (2.0, 3.0), "canvas: companion distance in PSF FWHM (uniform); never below min_clump_separation px.")
+    bulge_clump_fraction: float = field(
+        0.3, "canvas: on bulge + disk hosts, this fraction of the clumps sits inside the bulge's half-light "
+             "ellipse (clumps on a bulge).")
+    stars_range: tuple[int, int] = field((0, 4), "canvas: stars per canvas (decoys on the sky, uniform count).")
+    compact_range: tuple[int, int] = field(
+        (0, 4), "canvas: small smooth galaxies per canvas (decoys on the sky, uniform count).")
+    compact_hlr_range: tuple[float, float] = field(
+        (0.15, 1.0), "canvas: decoy galaxy half-light radius in arcsec (log-uniform; Sersic n over (0.5, 4)).")
+    decoy_snr_range: tuple[float, float] = field(
+        (5.0, 1000.0), "canvas: matched-filter S/N of each decoy star or galaxy (log-uniform).")
+    decoy_max_host_light: float = field(
+        0.5, "canvas: decoys are only placed where the hosts' noise-free light is below this (noise sigma), "
+             "so a star is never indistinguishable from a clump.")
 
     def validate(self) -> "ClumpSetConfig":
         """Check every field; raise :class:`~deepmosaic.pipeline.errors.ConfigError` naming the first bad one."""
@@ -207,6 +236,20 @@ class ClumpSetConfig:
         _rng_pair(w, "nucleus_hlr_range", self.nucleus_hlr_range, 1e-4, 100.0, "arcsec, e.g. (0.15, 0.4).")
         require(self.nucleus_hlr_range[0] > 0, w, "nucleus_hlr_range", self.nucleus_hlr_range, "must be > 0.")
         _rng_pair(w, "nucleus_sersic_n_range", self.nucleus_sersic_n_range, 0.3, 6.2, "e.g. (1, 2.5).")
+        require(self.layout in ("stamp", "canvas"), w, "layout", self.layout, "use 'stamp' or 'canvas'.")
+        for name in ("hosts_range", "host_clumps_range", "stars_range", "compact_range"):
+            v = getattr(self, name)
+            require(isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(x) for x in v)
+                    and 0 <= v[0] <= v[1] <= 64, w, name, v, "expected integer counts (low, high), 0 <= low <= "
+                    "high <= 64, e.g. (0, 4).")
+        _num(w, "empty_fraction", self.empty_fraction, 0.0, 1.0, "a fraction in [0, 1].")
+        _num(w, "host_margin", self.host_margin, 0.0, 1.0, "a fraction of the side, e.g. 0.1.")
+        _num(w, "pair_fraction", self.pair_fraction, 0.0, 1.0, "a fraction in [0, 1].")
+        _rng_pair(w, "pair_separation_fwhm_range", self.pair_separation_fwhm_range, 0.0, 100.0, "e.g. (2, 3).")
+        _num(w, "bulge_clump_fraction", self.bulge_clump_fraction, 0.0, 1.0, "a fraction in [0, 1].")
+        _rng_pair(w, "compact_hlr_range", self.compact_hlr_range, 1e-3, 100.0, "arcsec, e.g. (0.15, 1.0).")
+        _rng_pair(w, "decoy_snr_range", self.decoy_snr_range, 1e-3, 1e7, "e.g. (5, 1000).")
+        _num(w, "decoy_max_host_light", self.decoy_max_host_light, 0.0, 1e6, "noise sigma, e.g. 0.5.")
         return self
 
 
@@ -520,7 +563,129 @@ def disc_mask(size: int, positions: np.ndarray, radius: float) -> np.ndarray:
     return m
 
 
+def _clump_canvas_scene(cfg: ClumpSetConfig, rng: np.random.Generator) -> dict:
+    """A ``size`` x ``size`` piece of a clumpy mosaic (``layout='canvas'``).
+
+    * No host (``empty_fraction``) or ``hosts_range`` hosts, centred uniformly over the canvas widened by
+      ``host_margin`` (so some are cut by the edge); each drawn as in the stamp layout (Sersic or bulge +
+      disk, optional smooth nucleus decoy), S/N measured on its whole rendering.
+    * Per host ``host_clumps_range`` clumps, uniform inside ``clump_region_hlr`` half-light ellipses or, for a
+      share ``bulge_clump_fraction`` on bulge + disk hosts, inside the bulge's half-light ellipse; each
+      placed clump gets a companion at ``pair_separation_fwhm_range`` PSF FWHM with ``pair_fraction``.
+      Every clump keeps ``min_clump_separation`` px from every other one and ``edge_margin`` px from the
+      edges; ``max_clumps`` caps the total.
+    * Decoys (never in the mask): ``stars_range`` stars and ``compact_range`` small smooth galaxies at
+      ``decoy_snr_range``, placed only where the hosts' light is below ``decoy_max_host_light`` and >= 3 PSF
+      FWHM from every clump.
+
+    Per-clump truth beyond the stamp layout's: ``clump_host`` (host index), ``on_bulge`` (inside the
+    bulge's half-light ellipse of a bulge + disk host), ``close_pair`` (another clump within 3 PSF FWHM),
+    ``contrast`` (clump flux over the host light in the PSF's effective area at the clump's pixel).
+    """
+    s = cfg.size
+    fwhm, beta = _draw_psf(rng, cfg)
+    psf = stamp_psf(fwhm, beta)
+    a_eff = psf_effective_area(fwhm, beta)
+    big, off = 2 * s, s // 2               # hosts are drawn on a 2s canvas (for their S/N), then cropped
+    empty = bool(rng.random() < cfg.empty_fraction)
+    n_hosts = 0 if empty else int(rng.integers(cfg.hosts_range[0], cfg.hosts_range[1] + 1))
+    galaxy = np.zeros((s, s))
+    m = cfg.host_margin * s
+    lo_e, hi_e = cfg.edge_margin - 0.5, s - 0.5 - cfg.edge_margin
+    grid = SeparationGrid(cfg.min_clump_separation, box=(lo_e, hi_e, lo_e, hi_e), cap=cfg.max_clumps)
+    pos: list[tuple[float, float]] = []
+    snrs: list[float] = []
+    owner: list[int] = []
+    hosts = []
+    for h in range(n_hosts):
+        shape = _draw_galaxy_shape(rng, cfg)
+        cy, cx = rng.uniform(-0.5 - m, s - 0.5 + m, 2)
+        has_nuc = bool(rng.random() < cfg.nucleus_fraction)
+        nuc_frac = float(rng.uniform(*cfg.nucleus_flux_range)) if has_nuc else 0.0
+        nuc_hlr = float(_loguniform(rng, *cfg.nucleus_hlr_range)) / cfg.pixel_scale
+        nuc_n = _grid(rng.uniform(*cfg.nucleus_sersic_n_range), SERSIC_N_STEP, *cfg.nucleus_sersic_n_range)
+        gal_snr = float(_loguniform(rng, *cfg.galaxy_snr_range))
+        n_want = int(rng.integers(cfg.host_clumps_range[0], cfg.host_clumps_range[1] + 1))
+        prof = galaxy_profile(1.0 - nuc_frac, **shape)
+        if has_nuc:
+            prof = galsim.Add([prof, galaxy_profile(nuc_frac, nuc_hlr, sersic_n=nuc_n)])
+        img = _draw(galsim.Convolve(prof, psf), big, cx + off, cy + off)
+        flux = gal_snr / math.sqrt(float(np.sum(img * img)))
+        galaxy += flux * img[off:off + s, off:off + s]
+        b_hlr = (bulge_disk_radii(shape["hlr"], shape["bulge_frac"], shape["bulge_hlr_ratio"])[0]
+                 if shape["bulge_frac"] > 0 else 0.0)
+        hosts.append(dict(cy=cy, cx=cx, snr=gal_snr, flux=flux, nucleus=has_nuc, bulge_hlr=b_hlr, **shape))
+        lo_p, hi_p = cfg.pair_separation_fwhm_range
+        for y, x, snr in place_clumps(
+                rng, grid, cy=cy, cx=cx, hlr=shape["hlr"], q=shape["q"], angle=shape["angle"], bulge_hlr=b_hlr,
+                n_want=n_want, max_per_host=cfg.host_clumps_range[1], region_hlr=cfg.clump_region_hlr,
+                bulge_fraction=cfg.bulge_clump_fraction, pair_fraction=cfg.pair_fraction,
+                pair_range_px=(lo_p * fwhm, hi_p * fwhm), snr_range=cfg.clump_snr_range):
+            pos.append((y, x)), snrs.append(snr), owner.append(h)
+    positions = np.asarray(pos, float).reshape(-1, 2)
+    clump_snr = np.asarray(snrs, np.float64)
+    clump_flux = clump_snr * math.sqrt(a_eff)
+    clumps = render_point_sources(s, positions, clump_flux, fwhm, beta)
+
+    # decoys on the sky: stars and compact smooth galaxies, away from hosts and clumps
+    n_star = int(rng.integers(cfg.stars_range[0], cfg.stars_range[1] + 1))
+    n_comp = int(rng.integers(cfg.compact_range[0], cfg.compact_range[1] + 1))
+    n_dec = n_star + n_comp
+    cand = rng.uniform(-0.5, s - 0.5, (n_dec, 20, 2))
+    dec_snr = _loguniform(rng, *cfg.decoy_snr_range, max(n_dec, 1))
+    dec_hlr = _loguniform(rng, *cfg.compact_hlr_range, max(n_dec, 1)) / cfg.pixel_scale
+    dec_n = rng.uniform(0.5, 4.0, max(n_dec, 1))
+    dec_q = rng.uniform(*cfg.q_range, max(n_dec, 1))
+    dec_angle = rng.uniform(0.0, 180.0, max(n_dec, 1))
+    far2 = (3.0 * fwhm) ** 2
+    decoys = np.zeros((s, s))
+    star_yx, star_flux = [], []
+    for d in range(n_dec):
+        for y, x in cand[d]:
+            iy, ix = int(math.floor(y + 0.5)), int(math.floor(x + 0.5))
+            if galaxy[iy, ix] >= cfg.decoy_max_host_light:
+                continue
+            if any((y - py) ** 2 + (x - px) ** 2 < far2 for py, px in pos):
+                continue
+            if d < n_star:
+                star_yx.append((y, x))
+                star_flux.append(float(dec_snr[d]) * math.sqrt(a_eff))
+            else:
+                n_d = _grid(dec_n[d], SERSIC_N_STEP, 0.5, 4.0)
+                prof = galaxy_profile(1.0, float(dec_hlr[d]), sersic_n=n_d, q=float(dec_q[d]),
+                                      angle=float(dec_angle[d]))
+                img = _draw(galsim.Convolve(prof, psf), big, x + off, y + off)
+                decoys += float(dec_snr[d]) / math.sqrt(float(np.sum(img * img))) * img[off:off + s, off:off + s]
+            break
+    if star_yx:
+        decoys += render_point_sources(s, np.asarray(star_yx), np.asarray(star_flux), fwhm, beta)
+
+    # per-clump truth: host, bulge membership, close pairs, contrast with the host light
+    k = positions.shape[0]
+    on_bulge = np.zeros(k, bool)
+    contrast = np.full(k, np.inf)
+    for i, (y, x) in enumerate(positions):
+        hs = hosts[owner[i]]
+        if hs["bulge_hlr"] > 0:
+            on_bulge[i] = in_ellipse(y, x, hs["cy"], hs["cx"], hs["bulge_hlr"] / math.sqrt(hs["q"]),
+                                     hs["bulge_hlr"] * math.sqrt(hs["q"]), hs["angle"])
+        host_light = galaxy[int(math.floor(y + 0.5)), int(math.floor(x + 0.5))] * a_eff
+        if host_light > 0:
+            contrast[i] = clump_flux[i] / host_light
+    close = clump_flags(positions, fwhm)
+    first = hosts[0] if hosts else None
+    return dict(model=(galaxy + decoys + clumps).astype(np.float32), galaxy=(galaxy + decoys).astype(np.float32),
+                clumps=clumps.astype(np.float32), positions=positions, clump_flux=clump_flux, clump_snr=clump_snr,
+                clump_host=np.asarray(owner, np.int64), on_bulge=on_bulge, close_pair=close, contrast=contrast,
+                galaxy_snr=first["snr"] if first else np.nan, galaxy_flux=first["flux"] if first else np.nan,
+                galaxy_center=np.array([first["cy"], first["cx"]]) if first else np.array([np.nan, np.nan]),
+                has_nucleus=any(hs["nucleus"] for hs in hosts), n_hosts=n_hosts, n_stars=len(star_yx),
+                psf_fwhm=fwhm, psf_beta=beta, psf_area=a_eff)
+
+
 def _clump_scene(cfg: ClumpSetConfig, rng: np.random.Generator) -> dict:
+    if cfg.layout == "canvas":
+        return _clump_canvas_scene(cfg, rng)
     s = cfg.size
     fwhm, beta = _draw_psf(rng, cfg)
     shape = _draw_galaxy_shape(rng, cfg)

@@ -34,7 +34,7 @@ import os
 
 import numpy as np
 
-from . import eval_deblend, eval_detect, metrics
+from . import eval_clumps, eval_deblend, eval_detect, metrics
 from .errors import InputError, StoreError
 from .store import open_store, read_catalog
 from .truth import read_truth
@@ -90,7 +90,7 @@ def _stages_with_catalogs(root) -> list[str]:
     out = []
     for name in sorted(g.group_keys()):
         keys = set(g[name].array_keys())
-        if {"x", "y"} <= keys:
+        if {"x", "y"} <= keys and name not in eval_clumps.CLUMP_STAGES:  # clumps: scored by eval_clumps
             out.append(name)
     # baselines first (in BASELINES order), then the other stages alphabetically
     return [b for b in BASELINES if b in out] + [s for s in out if s not in BASELINES]
@@ -334,6 +334,11 @@ def evaluate_store(store_path, truth_path, max_sep=2.0, stages=None) -> dict:
     store_path = os.fspath(store_path)
     truth_path = os.fspath(truth_path)
     root = open_store(store_path, mode="r+")
+    stages, clump_stages = eval_clumps.split_stages(root, stages)
+    clumps = (eval_clumps.evaluate_clumps(store_path, truth_path, clump_stages, required=stages is not None)
+              if clump_stages else None)
+    if stages == [] and clumps is not None:
+        return {"_truth": truth_path, "_clumps": clumps}
     available = _stages_with_catalogs(root)
     if not available:
         raise StoreError(f"{store_path}: the store has no catalogs to evaluate. Run the pipeline first "
@@ -403,6 +408,8 @@ def evaluate_store(store_path, truth_path, max_sep=2.0, stages=None) -> dict:
         _write_report(root, stage, _match_table(tab, truth, preds[stage]), _curves(curves, edges), attrs)
         out[stage] = summary
     out["_truth"] = truth_path
+    if clumps is not None:
+        out["_clumps"] = clumps
     if versus_all:
         out["_versus"] = versus_all
     return out
@@ -479,4 +486,5 @@ def format_summary(summary: dict) -> str:
                          f"{d['only_stage']}, only {base} {d['only_baseline']}, neither {d['neither']}")
     lines.extend(eval_detect.format_lines(summary.get("_detection")))
     lines.extend(eval_deblend.format_lines(summary.get("_deblend")))
+    lines.extend(eval_clumps.format_lines(summary.get("_clumps")))
     return "\n".join(lines)

@@ -523,6 +523,8 @@ def make_report(store_path, out_dir=None, truth_path=None, max_sep=2.0, cutouts_
         parts.append(_figure(src, f"{stage}: missed objects of highest S/N, matched pairs of lowest IoU, "
                                   f"typical pairs and the brightest unmatched detections.")
                      or "<p>No cutouts.</p>")
+    from .eval_clumps import report_section
+    parts += report_section(store_path, out, tpath)
     from .eval_deblend import report_section as deblend_section
     parts += deblend_section(reports, out)
     parts.append("</body></html>")

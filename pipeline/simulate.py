@@ -97,6 +97,22 @@ class SimConfig:
         2, "With plant_seams: objects planted on each seam segment (one tile side); corners get one each.")
     n_bad_columns: int = field(0, "Number of dead columns (value 0, mask bit BAD).")
     ra_dec: tuple[float, float] = field((150.1, 2.2), "WCS tangent point (RA, Dec) in degrees, at the mosaic centre.")
+    clumpy_density: float = field(
+        0.0, "Clumpy disk galaxies per Mpix added on top of the random population (0: none). Their clumps "
+             "(unresolved, PSF-shaped) are listed in the truth file's CLUMPS table; see simulate_mosaic.")
+    clumpy_snr_range: tuple[float, float] = field(
+        (50.0, 1500.0), "Matched-filter S/N of each clumpy host's smooth light (log-uniform).")
+    clumpy_hlr_range: tuple[float, float] = field((0.8, 2.4), "Clumpy host half-light radius, arcsec (log-uniform).")
+    clumpy_sersic_n_range: tuple[float, float] = field((0.5, 2.0), "Sersic index of pure-Sersic clumpy hosts.")
+    clumps_per_host: tuple[int, int] = field((0, 7), "Clumps drawn per clumpy host (uniform; companions on top).")
+    clump_snr_range: tuple[float, float] = field(
+        (3.0, 100.0), "Clump S/N = flux / (noise_sigma sqrt(A_eff)), log-uniform; A_eff = 1 / sum(psf**2).")
+    clump_region_hlr: float = field(1.5, "Clumps are uniform inside the host's half-light ellipse times this.")
+    clump_bulge_fraction: float = field(
+        0.3, "On bulge + disk hosts, this share of the clumps is drawn inside the bulge's half-light ellipse.")
+    clump_pair_fraction: float = field(0.3, "Each placed clump gets a close companion with this probability.")
+    clump_pair_fwhm_range: tuple[float, float] = field(
+        (2.0, 3.0), "Companion distance in PSF FWHM (uniform); its low end is also every clump pair's minimum.")
 
     def validate(self) -> "SimConfig":
         """Check every field; raise :class:`~deepmosaic.pipeline.errors.ConfigError` naming the first bad one.
@@ -146,6 +162,7 @@ class SimConfig:
         require(isinstance(self.n_bad_columns, (int, np.integer)) and not isinstance(self.n_bad_columns, bool)
                 and 0 <= self.n_bad_columns <= size[1], w, "n_bad_columns", self.n_bad_columns,
                 f"expected an integer in [0, nx={size[1]}].")
+        _validate_clumps(self)
         rd = self.ra_dec
         require(isinstance(rd, (tuple, list)) and len(rd) == 2 and all(_is_finite(v) for v in rd), w,
                 "ra_dec", rd, "expected (RA, Dec) in degrees, e.g. (150.1, 2.2).")
@@ -456,6 +473,7 @@ class Simulation:
     model: np.ndarray
     sky: np.ndarray
     config: SimConfig
+    clumps: Table | None = None
 
     @property
     def wcs(self) -> WCS:
@@ -571,6 +589,220 @@ def _seam_positions(rng: np.random.Generator, config: SimConfig) -> tuple[np.nda
     return np.asarray(px, float), np.asarray(py, float)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Clumpy galaxies (SimConfig.clumpy_density > 0)
+# ---------------------------------------------------------------------------------------------------
+
+#: Bulge flux fraction range of bulge + disk clumpy hosts (the clump training set's range).
+CLUMPY_BULGE_FRAC_RANGE = (0.1, 0.5)
+#: Two clumps closer than this many PSF FWHM are flagged ``close_pair`` in the clump truth.
+CLOSE_PAIR_FWHM = 3.0
+
+
+def _validate_clumps(c: SimConfig) -> None:
+    w = _WHERE
+    _finite_in(w, "clumpy_density", c.clumpy_density, 0.0, 1e4, "clumpy hosts per Mpix, e.g. 60 (0: none).")
+    _range(w, "clumpy_snr_range", c.clumpy_snr_range, 1e-3, 1e7, "host S/N, e.g. (50, 1500).")
+    require(c.clumpy_snr_range[0] > 0, w, "clumpy_snr_range", c.clumpy_snr_range, "S/N must be > 0.")
+    _range(w, "clumpy_hlr_range", c.clumpy_hlr_range, 1e-3, 1e3, "arcsec, e.g. (0.8, 2.4).")
+    _range(w, "clumpy_sersic_n_range", c.clumpy_sersic_n_range, 0.3, 6.2, "Sersic indices, e.g. (0.5, 2).")
+    v = c.clumps_per_host
+    require(isinstance(v, (tuple, list)) and len(v) == 2
+            and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in v)
+            and 0 <= v[0] <= v[1] <= 64, w, "clumps_per_host", v, "expected integers (low, high) in [0, 64].")
+    _range(w, "clump_snr_range", c.clump_snr_range, 1e-3, 1e6, "clump S/N, e.g. (3, 100).")
+    require(c.clump_snr_range[0] > 0, w, "clump_snr_range", c.clump_snr_range, "S/N must be > 0.")
+    _finite_in(w, "clump_region_hlr", c.clump_region_hlr, 0.05, 10.0, "half-light radii, e.g. 1.5.")
+    _finite_in(w, "clump_bulge_fraction", c.clump_bulge_fraction, 0.0, 1.0, "a fraction in [0, 1].")
+    _finite_in(w, "clump_pair_fraction", c.clump_pair_fraction, 0.0, 1.0, "a fraction in [0, 1].")
+    _range(w, "clump_pair_fwhm_range", c.clump_pair_fwhm_range, 0.5, 100.0, "PSF FWHM, e.g. (2, 3).")
+
+
+def in_ellipse(y, x, cy, cx, a, b, angle) -> bool:
+    """Whether ``(y, x)`` lies inside the ellipse of semi-axes ``a`` (along ``angle`` deg CCW from +x), ``b``."""
+    th = math.radians(angle)
+    u = (x - cx) * math.cos(th) + (y - cy) * math.sin(th)
+    v = -(x - cx) * math.sin(th) + (y - cy) * math.cos(th)
+    return (u / a) ** 2 + (v / b) ** 2 <= 1.0
+
+
+def place_clumps(rng: np.random.Generator, accept, *, cy, cx, hlr, q, angle, bulge_hlr, n_want, max_per_host,
+                 region_hlr, bulge_fraction, pair_fraction, pair_range_px, snr_range) -> list:
+    """Clumps of one host: ``[(y, x, snr), ...]`` (shared by the simulator and the clump training set).
+
+    Candidates are uniform (by area) inside the half-light ellipse scaled by ``region_hlr`` or, with
+    probability ``bulge_fraction`` (when ``bulge_hlr > 0``), inside the bulge's half-light ellipse; S/N is
+    log-uniform on ``snr_range``. ``accept(y, x)`` says whether a position is allowed and, if so, records it
+    (separations, edges, caps are the caller's). Each accepted clump gets a companion at a distance uniform
+    on ``pair_range_px`` with probability ``pair_fraction`` (if ``accept`` allows it). Up to ``n_want``
+    primary clumps; a fixed number of draws keeps the random stream's layout independent of the outcome.
+    """
+    n_try = 30 * max(int(max_per_host), 1)
+    r = np.sqrt(rng.random(n_try))
+    phi = rng.uniform(0.0, 2 * math.pi, n_try)
+    bulge = rng.random(n_try) < (bulge_fraction if bulge_hlr > 0 else 0.0)
+    pair = rng.random(n_try) < pair_fraction
+    pair_d = rng.uniform(pair_range_px[0], pair_range_px[1], n_try)
+    pair_phi = rng.uniform(0.0, 2 * math.pi, n_try)
+    lo, hi = math.log(snr_range[0]), math.log(snr_range[1])
+    snr_a, snr_b = np.exp(rng.uniform(lo, hi, n_try)), np.exp(rng.uniform(lo, hi, n_try))
+    th = math.radians(angle)
+    out, placed = [], 0
+    for j in range(n_try):
+        if placed >= n_want:
+            break
+        scale = bulge_hlr if bulge[j] else region_hlr * hlr
+        u, v = scale / math.sqrt(q) * r[j] * math.cos(phi[j]), scale * math.sqrt(q) * r[j] * math.sin(phi[j])
+        x, y = cx + u * math.cos(th) - v * math.sin(th), cy + u * math.sin(th) + v * math.cos(th)
+        if not accept(y, x):
+            continue
+        out.append((y, x, float(snr_a[j])))
+        placed += 1
+        if pair[j]:
+            y2, x2 = y + pair_d[j] * math.sin(pair_phi[j]), x + pair_d[j] * math.cos(pair_phi[j])
+            if accept(y2, x2):
+                out.append((y2, x2, float(snr_b[j])))
+    return out
+
+
+class SeparationGrid:
+    """``accept(y, x)``: positions inside a box and at least ``min_sep`` from every accepted one (spatial hash)."""
+
+    def __init__(self, min_sep: float, box=(-np.inf, np.inf, -np.inf, np.inf), cap: int | None = None):
+        self.min_sep, self.box, self.cap = float(min_sep), box, cap
+        self.cells: dict = {}
+        self.points: list = []
+
+    def __call__(self, y: float, x: float) -> bool:
+        y0, y1, x0, x1 = self.box
+        if not (y0 <= y <= y1 and x0 <= x <= x1) or (self.cap is not None and len(self.points) >= self.cap):
+            return False
+        c = max(self.min_sep, 1e-9)
+        gy, gx = int(math.floor(y / c)), int(math.floor(x / c))
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                for py, px in self.cells.get((gy + dy, gx + dx), ()):
+                    if (y - py) ** 2 + (x - px) ** 2 < self.min_sep ** 2:
+                        return False
+        self.cells.setdefault((gy, gx), []).append((y, x))
+        self.points.append((y, x))
+        return True
+
+
+def psf_area(psf: galsim.GSObject) -> float:
+    """``A_eff = 1 / sum(p**2)`` (px) of the pixel-integrated, unit-sum PSF ``p`` drawn at a pixel centre."""
+    p = render_profile(1.0, 0.0, 0.0, psf=psf, kind="star").array
+    p = p / p.sum()
+    return float(1.0 / np.sum(p * p))
+
+
+def clump_flags(yx: np.ndarray, fwhm_px: float) -> np.ndarray:
+    """``close_pair``: another position within ``CLOSE_PAIR_FWHM`` PSF FWHM."""
+    yx = np.asarray(yx, float).reshape(-1, 2)
+    out = np.zeros(len(yx), bool)
+    if len(yx) > 1:
+        from scipy.spatial import cKDTree
+        d, _ = cKDTree(yx).query(yx, k=2)
+        out = d[:, 1] < CLOSE_PAIR_FWHM * fwhm_px
+    return out
+
+
+def _clumpy_hosts(config: SimConfig, nx: int, ny: int) -> dict | None:
+    """Clumpy hosts and their clumps, from their own random stream (the rest of the mosaic is unchanged)."""
+    if config.clumpy_density <= 0:
+        return None
+    rng = np.random.default_rng([config.seed, 2])
+    n = int(rng.poisson(config.clumpy_density * ny * nx / 1e6))
+    x = rng.uniform(-0.5, nx - 0.5, n)
+    y = rng.uniform(-0.5, ny - 0.5, n)
+    ps = config.pixel_scale
+    hlr = np.exp(rng.uniform(math.log(config.clumpy_hlr_range[0] / ps), math.log(config.clumpy_hlr_range[1] / ps), n))
+    q = rng.uniform(config.q_range[0], config.q_range[1], n)
+    angle = rng.uniform(0.0, 180.0, n)
+    n_lo, n_hi = config.clumpy_sersic_n_range
+    sersic = np.clip(np.round(np.round(rng.uniform(n_lo, n_hi, n) / SERSIC_N_STEP) * SERSIC_N_STEP, 4), n_lo, n_hi)
+    bd = rng.random(n) < config.bulge_disk_fraction
+    bulge_frac = rng.uniform(*CLUMPY_BULGE_FRAC_RANGE, n)
+    ratio = rng.uniform(*BULGE_HLR_RATIO_RANGE, n)
+    snr = np.exp(rng.uniform(math.log(config.clumpy_snr_range[0]), math.log(config.clumpy_snr_range[1]), n))
+    n_want = rng.integers(config.clumps_per_host[0], config.clumps_per_host[1] + 1, n)
+    fwhm = config.psf_fwhm_px
+    lo_p, hi_p = config.clump_pair_fwhm_range
+    grid = SeparationGrid(lo_p * fwhm, box=(-0.5, ny - 0.5, -0.5, nx - 0.5))
+    rows, bulge_hlr = [], np.zeros(n)
+    for j in range(n):
+        if bd[j]:
+            bulge_hlr[j] = bulge_disk_radii(hlr[j], bulge_frac[j], ratio[j])[0]
+        for cy, cx, csnr in place_clumps(
+                rng, grid, cy=y[j], cx=x[j], hlr=hlr[j], q=q[j], angle=angle[j], bulge_hlr=bulge_hlr[j],
+                n_want=int(n_want[j]), max_per_host=config.clumps_per_host[1], region_hlr=config.clump_region_hlr,
+                bulge_fraction=config.clump_bulge_fraction, pair_fraction=config.clump_pair_fraction,
+                pair_range_px=(lo_p * fwhm, hi_p * fwhm), snr_range=config.clump_snr_range):
+            on_bulge = bool(bd[j]) and in_ellipse(cy, cx, y[j], x[j], bulge_hlr[j] / math.sqrt(q[j]),
+                                                  bulge_hlr[j] * math.sqrt(q[j]), angle[j])
+            rows.append((j, cy, cx, csnr, on_bulge))
+    host = np.array([r[0] for r in rows], np.int64)
+    cyx = np.array([(r[1], r[2]) for r in rows], float).reshape(-1, 2)
+    a_eff = psf_area(make_psf(fwhm, config.psf_beta))
+    csnr = np.array([r[3] for r in rows], float)
+    pop = dict(star=np.zeros(n, bool), mag=np.full(n, float(config.zeropoint)), sersic=sersic, hlr=hlr, q=q,
+               angle=angle, bd=bd, bulge_frac=bulge_frac, ratio=ratio)
+    return dict(x=x, y=y, pop=pop, host_snr=snr, clump_host=host, clump_yx=cyx, clump_snr=csnr,
+                clump_flux=csnr * config.noise_sigma * math.sqrt(a_eff), psf_area=a_eff,
+                on_bulge=np.array([r[4] for r in rows], bool), contrast=np.full(len(rows), np.inf))
+
+
+def _add_clumps(st: Stamp, clumpy: dict, j: int, psf: galsim.GSObject, sigma: float) -> float:
+    """Scale clumpy host ``j``'s unit-flux stamp to its S/N, add its clumps in place; returns the total flux.
+
+    Also fills ``clumpy['contrast']`` for its clumps: clump flux over the host's smooth light at the clump's
+    pixel times the PSF's effective area (inf where the host has no light there).
+    """
+    arr = st.array
+    scale = float(clumpy["host_snr"][j]) * sigma / math.sqrt(float(np.sum(arr * arr)))
+    arr *= scale
+    idx = np.nonzero(clumpy["clump_host"] == j)[0]
+    if idx.size == 0:
+        return scale
+    hy, hx = float(clumpy["y"][j]), float(clumpy["x"][j])
+    deltas = []
+    for i in idx:
+        cy, cx = clumpy["clump_yx"][i]
+        f = float(clumpy["clump_flux"][i])
+        iy, ix = int(math.floor(cy + 0.5)) - st.y0, int(math.floor(cx + 0.5)) - st.x0
+        if 0 <= iy < arr.shape[0] and 0 <= ix < arr.shape[1] and arr[iy, ix] > 0:
+            clumpy["contrast"][i] = f / (arr[iy, ix] * clumpy["psf_area"])
+        deltas.append(galsim.DeltaFunction(flux=f).shift(cx - hx, cy - hy))
+    prof = galsim.Convolve(galsim.Add(deltas) if len(deltas) > 1 else deltas[0], psf)
+    im = galsim.ImageD(arr.shape[1], arr.shape[0], scale=1.0)
+    im.setOrigin(st.x0, st.y0)
+    prof.drawImage(image=im, center=galsim.PositionD(hx, hy))
+    arr += im.array
+    return scale + float(clumpy["clump_flux"][idx].sum())
+
+
+def clump_truth(clumpy: dict, n_main: int, wcs: WCS, config: SimConfig) -> Table:
+    """The CLUMPS truth table (see :mod:`deepmosaic.pipeline.truth`)."""
+    yx = clumpy["clump_yx"]
+    m = len(yx)
+    ra, dec = wcs.pixel_to_world_values(yx[:, 1], yx[:, 0]) if m else (np.zeros(0), np.zeros(0))
+    t = Table()
+    t["id"] = np.arange(1, m + 1, dtype=np.int64)
+    t["x"], t["y"] = yx[:, 1].copy(), yx[:, 0].copy()
+    t["ra"], t["dec"] = np.asarray(ra, np.float64), np.asarray(dec, np.float64)
+    t["flux"] = clumpy["clump_flux"]
+    t["snr"] = clumpy["clump_snr"]
+    t["host_id"] = clumpy["clump_host"] + n_main + 1
+    t["contrast"] = clumpy["contrast"]
+    t["close_pair"] = clump_flags(yx, config.psf_fwhm_px)
+    t["on_bulge"] = clumpy["on_bulge"]
+    for name, unit in {"x": "pix", "y": "pix", "ra": "deg", "dec": "deg", "flux": "count"}.items():
+        t[name].unit = unit
+    t.meta.update({"PSFAREA": float(clumpy["psf_area"]), "PAIRFWHM": CLOSE_PAIR_FWHM,
+                   "NOISESIG": float(config.noise_sigma), "PSFFWHM": float(config.psf_fwhm)})
+    return t
+
+
 def simulate_mosaic(config: SimConfig | None = None) -> Simulation:
     """Simulate a mosaic with its truth catalog and truth segmentation map.
 
@@ -630,6 +862,12 @@ def simulate_mosaic(config: SimConfig | None = None) -> Simulation:
         x, y = np.concatenate([x, sx]), np.concatenate([y, sy])
         pop = {k: np.concatenate([pop[k], spop[k]]) for k in pop}
         planted = np.concatenate([planted, np.ones(sx.size, bool)])
+    n_main = x.size
+    clumpy = _clumpy_hosts(config, nx, ny)
+    if clumpy is not None:
+        x, y = np.concatenate([x, clumpy["x"]]), np.concatenate([y, clumpy["y"]])
+        pop = {k: np.concatenate([pop[k], clumpy["pop"][k]]) for k in pop}
+        planted = np.concatenate([planted, np.zeros(clumpy["x"].size, bool)])
     n_obj = x.size
     is_star = pop["star"]
     is_bd = pop["bd"] & ~is_star
@@ -657,6 +895,8 @@ def simulate_mosaic(config: SimConfig | None = None) -> Simulation:
                                 sersic_n=sersic[k], q=q[k], angle=angle[k],
                                 bulge_frac=bulge_frac[k] if is_bd[k] else 0.0,
                                 bulge_hlr_ratio=ratio[k] if is_bd[k] else 0.4)
+        if clumpy is not None and k >= n_main:
+            flux[k] = _add_clumps(st, clumpy, k - n_main, psf, sigma)
         ov = st.overlap((ny, nx))
         if ov is None:
             continue
@@ -738,7 +978,11 @@ def simulate_mosaic(config: SimConfig | None = None) -> Simulation:
     truth.meta.update({"MAGZERO": float(config.zeropoint), "PIXSCALE": float(config.pixel_scale),
                        "PSFFWHM": float(config.psf_fwhm), "NOISESIG": sigma, "SIMSEED": int(config.seed),
                        "SEAMTILE": int(config.plant_seams or 0)})
-    return Simulation(image=image, variance=variance, mask=mask, header=header, truth=truth,
+    clump_table = None
+    if clumpy is not None:
+        clump_table = clump_truth(clumpy, n_main, wcs, config)
+        truth.meta["NCLUMPY"] = int(clumpy["x"].size)
+    return Simulation(image=image, variance=variance, mask=mask, header=header, truth=truth, clumps=clump_table,
                       segmap=owner, model=model32, sky=sky, config=config)
 
 

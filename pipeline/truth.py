@@ -20,6 +20,8 @@ Truth file ``OUT_truth.fits`` (see :func:`truth_path_for`)
 0      (primary)   --       empty
 1      CATALOG     table    one row per true object (columns below)
 2      SEGMAP      int32    ``[ny, nx]`` truth segmentation: the owning ``id``, 0 = sky; same WCS
+3      CLUMPS      table    only for clumpy mosaics (``SimConfig.clumpy_density > 0``): one row per
+                            clump (columns below); read with :func:`read_clump_truth`
 =====  ==========  =======  =====================================================================
 
 CATALOG columns (pixel coordinates are 0-based, pixel ``i`` spans ``[i - 0.5, i + 0.5)``; FITS' 1-based
@@ -40,6 +42,22 @@ convention is *not* used):
 * ``blendedness`` (float64): 1 - (own light in own footprint) / (all objects' light in that footprint);
   0 when isolated, NaN when ``npix == 0``.
 * ``planted_seam`` (bool): planted on a tile seam or corner by ``--plant-seams``.
+
+A clumpy host is an ordinary CATALOG galaxy whose ``flux``, ``snr`` and footprint include its clumps' light.
+
+CLUMPS columns (meta: ``PSFAREA`` = the PSF's effective area ``A_eff`` in px, ``PAIRFWHM``, ``NOISESIG``,
+``PSFFWHM``):
+
+* ``id`` (int64): 1..M. ``x``, ``y`` (float64, pix, 0-based), ``ra``, ``dec`` (deg): the clump's centre.
+* ``flux`` (float64, counts): the clump's own total flux (a PSF-shaped point source; host light excluded).
+* ``snr`` (float64): ``flux / (NOISESIG * sqrt(A_eff))``, the clump's matched-filter S/N against the pixel
+  noise in a PSF-sized aperture (``A_eff = 1 / sum(p**2)`` of the unit-sum, pixel-integrated PSF ``p``);
+  the host's light under the clump is not counted.
+* ``host_id`` (int64): the host's ``id`` in CATALOG.
+* ``contrast`` (float64): clump-to-host contrast, ``flux / (host smooth light at the clump's pixel *
+  A_eff)``: the clump against the host light in the same PSF-sized aperture (inf where the host has none).
+* ``close_pair`` (bool): another clump lies within ``PAIRFWHM`` (3) PSF FWHM.
+* ``on_bulge`` (bool): the clump lies inside the bulge's half-light ellipse of a bulge + disk host.
 
 :func:`read_truth` also accepts a truth file without SEGMAP, and a plain catalog (a FITS table in any
 HDU, or an ECSV / CSV file) that has at least ``id``, ``x``, ``y`` (``flux`` optional) with 0-based
@@ -141,7 +159,10 @@ def write_simulation(sim, path: str | os.PathLike, *, overwrite: bool = False) -
     cat.header["PIXCONV"] = ("0-based", "x, y: pixel i spans [i-0.5, i+0.5)")
     seg = fits.ImageHDU(data=np.ascontiguousarray(sim.segmap, dtype=np.int32), header=wcs_hdr.copy(),
                         name="SEGMAP")
-    _write_atomic(fits.HDUList([fits.PrimaryHDU(), cat, seg]), truth_path)
+    hdus = [fits.PrimaryHDU(), cat, seg]
+    if getattr(sim, "clumps", None) is not None:
+        hdus.append(fits.BinTableHDU(sim.clumps, name="CLUMPS"))
+    _write_atomic(fits.HDUList(hdus), truth_path)
     return image_path, truth_path
 
 
@@ -261,6 +282,45 @@ def read_truth(path: str | os.PathLike) -> tuple[Table, np.ndarray | None]:
     return table, segmap
 
 
+#: Columns a clump truth table must have.
+CLUMP_REQUIRED_COLUMNS = ("id", "x", "y", "snr", "host_id")
+
+
+def read_clump_truth(path: str | os.PathLike) -> Table:
+    """The CLUMPS table of a truth file (native byte order, lower-case names), see the module docstring.
+
+    Raises
+    ------
+    InputError
+        Missing file, no CLUMPS table HDU (a mosaic simulated without ``clumpy_density``), or missing columns.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"clump truth file {str(p)!r} does not exist. Simulate a clumpy mosaic with "
+                         f"`deepmosaic simulate OUT.fits --clumps PER_MPIX` (it writes OUT_truth.fits).")
+    try:
+        hdul = fits.open(p, memmap=False)
+    except OSError as exc:
+        raise InputError(f"{str(p)!r}: not a FITS file ({exc}); pass the OUT_truth.fits of a clumpy mosaic.") from None
+    with hdul:
+        names = [h.name for h in hdul]
+        if "CLUMPS" not in names or not isinstance(hdul["CLUMPS"], fits.BinTableHDU):
+            raise InputError(f"{p}: no 'CLUMPS' table HDU (HDUs present: {names}): the mosaic was simulated "
+                             f"without clumps. Simulate one with `deepmosaic simulate OUT.fits --clumps 60` "
+                             f"(SimConfig.clumpy_density > 0).")
+        table = _table_native(Table.read(hdul["CLUMPS"], character_as_bytes=False))
+    for key in ("EXTNAME", "CHECKSUM", "DATASUM"):
+        table.meta.pop(key, None)
+    for name in list(table.colnames):
+        if name.lower() != name and name.lower() not in table.colnames:
+            table.rename_column(name, name.lower())
+    missing = [c for c in CLUMP_REQUIRED_COLUMNS if c not in table.colnames]
+    if missing:
+        raise InputError(f"{p}[CLUMPS]: missing column(s) {missing}; found {table.colnames}. Regenerate the "
+                         f"truth with `deepmosaic simulate --clumps`.")
+    return table
+
+
 def _check_segmap_ids(p: Path, segmap: np.ndarray, ids: np.ndarray) -> None:
     if segmap.size == 0:
         return
@@ -280,4 +340,5 @@ def _check_segmap_ids(p: Path, segmap: np.ndarray, ids: np.ndarray) -> None:
                          f"the segmentation map and catalog do not belong together. Regenerate the truth file.")
 
 
-__all__ = ["write_simulation", "read_truth", "truth_path_for", "REQUIRED_COLUMNS"]
+__all__ = ["write_simulation", "read_truth", "read_clump_truth", "truth_path_for", "REQUIRED_COLUMNS",
+           "CLUMP_REQUIRED_COLUMNS"]

@@ -239,9 +239,15 @@ class ClumpsConfig:
     minarea: int = field(3, "Minimum pixels above threshold for a clump.")
     deblend_cont: float = field(1.0, "sep deblend_cont on the probability map (1.0: no deblending; blobs of "
                                      "neighbouring clumps are kept apart by the training targets).")
-    batch_size: int = field(8, "Patches per forward call.")
-    patch: int = field(256, "Patch core size in px (rounded up to the network's stride multiple); each patch "
-                            "is fed with the network's aligned halo of context on every side.")
+    batch_size: int = field(2, "Patches per forward call.")
+    patch: int = field(2048, "Largest patch core in px: the region to compute (the tile core plus ``margin``) is "
+                             "cut into the fewest equal patches of at most this size (rounded up to the "
+                             "network's stride multiple), each fed with the network's aligned halo of context "
+                             "on every side. Large patches waste less on halos; memory grows with "
+                             "batch_size x (patch + 2 halo)^2.")
+    margin: int = field(8, "Probability computed over the tile core plus this many px (rounded up to the stride "
+                           "multiple) on every side: a clump blob whose centroid is in the core must lie within "
+                           "it (blobs are ~2-3 px in radius).")
     device: str = field("auto", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     flip_average: bool = field(False, "Average the probability over the 8 flips/rotations of each patch "
                                       "(8x the compute).")
@@ -256,7 +262,8 @@ class ClumpsConfig:
         require(self.minarea >= 1, w, "minarea", self.minarea, "must be >= 1 pixel.")
         require(0 <= self.deblend_cont <= 1, w, "deblend_cont", self.deblend_cont, "must be in [0, 1].")
         require(self.batch_size >= 1, w, "batch_size", self.batch_size, "must be >= 1.")
-        require(8 <= self.patch <= 8192, w, "patch", self.patch, "must be in [8, 8192] px, e.g. 256.")
+        require(8 <= self.patch <= 8192, w, "patch", self.patch, "must be in [8, 8192] px, e.g. 2048.")
+        require(0 <= self.margin <= 256, w, "margin", self.margin, "must be in [0, 256] px, e.g. 8.")
         dev = self.device
         require(isinstance(dev, str) and (dev in ("auto", "cpu", "cuda")
                                           or (dev.startswith("cuda:") and dev[5:].isdigit())),
@@ -331,7 +338,9 @@ class ClumpsTask(Task):
 
     @property
     def halo(self) -> int:
-        return self.network_info()["halo"]
+        """The network's aligned halo plus the aligned ``margin``: the context the core + margin region needs."""
+        info = self.network_info()
+        return info["halo"] + _roundup(self.config.margin, info["stride"])
 
     def fingerprint(self) -> dict:
         fp = super().fingerprint()
@@ -356,11 +365,13 @@ class ClumpsTask(Task):
         x[~np.isfinite(x)] = 0.0
         return x
 
-    def probability(self, x: np.ndarray, origin=(0, 0)) -> np.ndarray:
+    def probability(self, x: np.ndarray, origin=(0, 0), region=None) -> np.ndarray:
         """Clump probability (float32, [0, 1]) of a normalised window whose first pixel is mosaic ``origin``.
 
-        Patch cores lie on a grid anchored at a multiple of the network's stride in mosaic coordinates;
-        each patch carries the aligned halo of context (zeros outside the window).
+        ``region = (y0, y1, x0, x1)`` (window pixels) limits the computation to that box (0 elsewhere); default
+        the whole window. The box, from its start rounded down to a multiple of the network's stride in mosaic
+        coordinates, is cut into the fewest equal patches of at most ``patch`` px per axis (stride multiples);
+        each patch carries the aligned halo of context (input pixels outside the window are 0 = sky).
         """
         import torch
         info = self.network_info()
@@ -369,14 +380,21 @@ class ClumpsTask(Task):
         model = _get_model(info["base"], device)
         m, h = info["stride"], info["halo"]
         H, W = x.shape
+        ry0, ry1, rx0, rx1 = region if region is not None else (0, H, 0, W)
+        res = np.zeros((H, W), np.float32)
+        if ry1 <= ry0 or rx1 <= rx0:
+            return res
         oy, ox = int(origin[0]), int(origin[1])
-        ay, ax = oy - oy % m, ox - ox % m          # aligned start of the patch grid (<= origin)
-        span_y, span_x = oy + H - ay, ox + W - ax
+        ay, ax = oy + ry0 - (oy + ry0) % m, ox + rx0 - (ox + rx0) % m   # aligned start of the patch grid
+        span_y, span_x = oy + ry1 - ay, ox + rx1 - ax
         P = _roundup(cfg.patch, m)
-        py, px = min(P, _roundup(span_y, m)), min(P, _roundup(span_x, m))
-        ny, nx = -(-span_y // py), -(-span_x // px)
+        ny, nx = -(-span_y // P), -(-span_x // P)
+        py, px = _roundup(-(-span_y // ny), m), _roundup(-(-span_x // nx), m)
+        # big[i, j] is mosaic pixel (ay - h + i, ax - h + j)
         big = np.zeros((ny * py + 2 * h, nx * px + 2 * h), np.float32)
-        big[h + oy - ay:h + oy - ay + H, h + ox - ax:h + ox - ax + W] = x
+        wy0, wy1 = max(0, ay - h - oy), min(H, ay - h + big.shape[0] - oy)
+        wx0, wx1 = max(0, ax - h - ox), min(W, ax - h + big.shape[1] - ox)
+        big[oy + wy0 - ay + h:oy + wy1 - ay + h, ox + wx0 - ax + h:ox + wx1 - ax + h] = x[wy0:wy1, wx0:wx1]
         starts = [(i * py, j * px) for i in range(ny) for j in range(nx)]
         out = np.zeros((ny * py, nx * px), np.float32)
         transforms = [(k, f) for f in (False, True) for k in range(4)] if cfg.flip_average else [(0, False)]
@@ -396,8 +414,8 @@ class ClumpsTask(Task):
                 prob = (acc / len(transforms))[:, 0, h:h + py, h:h + px].cpu().numpy()
                 for (sy, sx), pr in zip(chunk, prob):
                     out[sy:sy + py, sx:sx + px] = pr
-        res = out[oy - ay:oy - ay + H, ox - ax:ox - ax + W]
-        return np.clip(np.ascontiguousarray(res, np.float32), 0.0, 1.0)
+        res[ry0:ry1, rx0:rx1] = out[oy + ry0 - ay:oy + ry1 - ay, ox + rx0 - ax:ox + rx1 - ax]
+        return np.clip(res, 0.0, 1.0)
 
     # ---- the stage -------------------------------------------------------------------------------
     def run(self, tile: TileInput) -> TaskOutput:
@@ -408,7 +426,12 @@ class ClumpsTask(Task):
         notes = []
         if not self.network_info()["local"]:
             notes.append("the network is not local (norm='group'): tiled probabilities depend on the tiling")
-        prob = self.probability(self.normalise(tile), tile.origin)
+        H, W = shape
+        mg = _roundup(cfg.margin, self.network_info()["stride"])
+        cy, cx = tile.core
+        region = (max(0, (cy.start or 0) - mg), min(H, (H if cy.stop is None else cy.stop) + mg),
+                  max(0, (cx.start or 0) - mg), min(W, (W if cx.stop is None else cx.stop) + mg))
+        prob = self.probability(self.normalise(tile), tile.origin, region)
         prob[tile.mask] = 0.0
         data = tile.data
         sep_cfg = SepConfig(thresh=cfg.threshold, minarea=cfg.minarea, filter_kernel="none",

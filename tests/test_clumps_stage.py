@@ -85,7 +85,10 @@ def test_registered_and_declared():
     assert t.requires == ("sep",) and t.resources == {"GPU": 1}
     assert t.links == {"host_id": ("sep", "segmentation")}
     from deepmosaic.models.weights_io import load_model, shipped
-    assert t.halo == load_model(shipped("clumps")).aligned_halo()
+    net = load_model(shipped("clumps"))
+    # the network's aligned halo plus the margin (rounded to the stride) around the computed core region
+    assert t.halo == net.aligned_halo() + 8
+    assert ClumpsTask({"margin": 9}).halo == net.aligned_halo() + 16
     with pytest.raises(ConfigError):
         ClumpsTask({"threshold": 1.5})
     with pytest.raises(ConfigError):

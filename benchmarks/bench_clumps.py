@@ -1,0 +1,145 @@
+"""Clump stages on a held-out clumpy mosaic (completeness/purity per S/N bin, clumps vs clumps_sep), and the
+``clumps`` stage's throughput against a bare batched forward pass of the same network.
+
+    .venv/bin/python benchmarks/bench_clumps.py                      # both parts, defaults below
+    .venv/bin/python benchmarks/bench_clumps.py --skip-throughput    # accuracy only
+    .venv/bin/python benchmarks/bench_clumps.py --skip-eval --size 4096 --tile 2048
+
+Accuracy: ``deepmosaic simulate`` with ``--clumps`` (clumpy hosts on top of the usual random population) at
+a seed never used in training (the clump training set draws from its own SeedSequence streams, not from
+the mosaic simulator), ``deepmosaic run --stages sep,clumps,clumps_sep``, ``deepmosaic evaluate`` (clump
+stages against the truth's CLUMPS table, one-to-one within 1.5 px), and a check of the issue's targets.
+
+Throughput: a ``--size`` x ``--size`` field (the held-out mosaic's pixels repeated) cut into ``--tile`` tiles
+with the stage's halo, as the runner does; the stage's ``run`` per tile (normalisation, patches with their
+network halo, forward, sep on the probability map, catalog; no I/O) against the same network's forward
+pass over the same pixels cut into bare ``--tile`` blocks, batched by the stage's ``batch_size``, in the same
+process. Mpix/s counts core pixels for both.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+TARGETS = (("completeness_snr10", 0.97), ("purity_snr10", 0.97), ("completeness_snr5_10", 0.50),
+           ("purity_snr5_10", 0.97))
+
+
+def simulate(path: str, size: int, seed: int, clumps: float):
+    from deepmosaic.pipeline.simulate import SimConfig, simulate_mosaic
+    from deepmosaic.pipeline.truth import write_simulation
+    t0 = time.perf_counter()
+    sim = simulate_mosaic(SimConfig(size=(size, size), seed=seed, density=300.0, clumpy_density=clumps))
+    img, truth = write_simulation(sim, path, overwrite=True)
+    print(f"simulated {size}x{size} (seed {seed}): {len(sim.truth)} objects, {len(sim.clumps)} clumps in "
+          f"{time.perf_counter() - t0:.0f} s")
+    return sim, img, truth
+
+
+def accuracy(a, tmp: str):
+    from deepmosaic.pipeline.eval_clumps import SNR_BINS
+    from deepmosaic.pipeline.evaluate import evaluate_store, format_summary
+    from deepmosaic.workflows.api import run
+    sim, img, truth = simulate(os.path.join(tmp, "heldout.fits"), a.eval_size, a.seed, a.clumps)
+    store = os.path.join(tmp, "heldout.zarr")
+    sets = [f"clumps.threshold={a.threshold}"] if a.threshold is not None else []
+    t0 = time.perf_counter()
+    run(str(img), store, stages="sep,clumps,clumps_sep", tile=a.eval_tile, workers=0, overwrite=True, set=sets)
+    print(f"pipeline (sep, clumps, clumps_sep; tile {a.eval_tile}, synchronous): {time.perf_counter() - t0:.0f} s")
+    res = evaluate_store(store, truth, stages="clumps,clumps_sep")
+    print(format_summary(res))
+    s = res["_clumps"]
+    print("\ntargets (clumps):")
+    for key, goal in TARGETS:
+        v = s["clumps"].get(key)
+        print(f"  {key:<22} {'-' if v is None else f'{v:.3f}'}  (target >= {goal})  "
+              f"{'met' if v is not None and v >= goal else 'NOT met'}")
+    for name in SNR_BINS:
+        d = s["clumps"]["versus"][name]
+        print(f"  better than clumps_sep in {name:<8}: {d['better']}  (F1 {d['f1']} vs {d['baseline_f1']})")
+    return sim
+
+
+def throughput(a, sim):
+    import torch
+    from deepmosaic.pipeline.simulate import SimConfig, simulate_mosaic
+    from deepmosaic.tasks.base import TileInput
+    from deepmosaic.tasks.clumps_task import ClumpsTask, _get_model, resolve_device
+    if sim is None:
+        sim = simulate_mosaic(SimConfig(size=(1024, 1024), seed=a.seed, density=300.0, clumpy_density=a.clumps))
+    n, T = a.size, a.tile
+    reps = -(-n // sim.image.shape[0])
+    sky = float(np.median(sim.sky))
+    field = np.tile(sim.image - sky, (reps, reps))[:n, :n].astype(np.float32)
+    sigma = float(sim.config.noise_sigma)
+    task = ClumpsTask({"batch_size": a.batch_size, "patch": a.patch})
+    h = task.halo
+    info = task.network_info()
+    device = resolve_device(task.config.device)
+    model = _get_model(info["base"], device)
+    print(f"\nthroughput: {n}x{n} field, tile {T}, stage halo {h} (network {info['halo']} + margin), patch "
+          f"<= {task.config.patch}, batch {a.batch_size}, device {device}, torch threads {torch.get_num_threads()}")
+    zeros = np.zeros_like(field)
+    # warm-up (model load, first-call allocations) on a small window, not timed
+    task.probability(field[:256, :256] / sigma, (0, 0))
+
+    t_stage = 0.0
+    n_obj = 0
+    for y0 in range(0, n, T):
+        for x0 in range(0, n, T):
+            wy0, wx0 = max(0, y0 - h), max(0, x0 - h)
+            wy1, wx1 = min(n, y0 + T + h), min(n, x0 + T + h)
+            win = (slice(wy0, wy1), slice(wx0, wx1))
+            shape = (wy1 - wy0, wx1 - wx0)
+            tile = TileInput(image=field[win], background=zeros[win], rms=np.full(shape, sigma, np.float32),
+                             global_rms=sigma, mask=np.zeros(shape, bool), variance=None, origin=(wy0, wx0),
+                             core=(slice(y0 - wy0, min(n, y0 + T) - wy0), slice(x0 - wx0, min(n, x0 + T) - wx0)),
+                             at_mosaic_edge=(wy0 == 0, wy1 == n, wx0 == 0, wx1 == n))
+            t0 = time.perf_counter()
+            out = task.run(tile)
+            t_stage += time.perf_counter() - t0
+            n_obj += len(out.catalog["x"])
+
+    x = torch.from_numpy(field / sigma)
+    blocks = [(y0, x0) for y0 in range(0, n, T) for x0 in range(0, n, T)]
+    t_bare = 0.0
+    with torch.inference_mode():
+        for b0 in range(0, len(blocks), a.batch_size):
+            chunk = blocks[b0:b0 + a.batch_size]
+            batch = torch.stack([x[y0:y0 + T, x0:x0 + T] for y0, x0 in chunk])[:, None].to(device)
+            t0 = time.perf_counter()
+            p = torch.sigmoid(model(batch).float()).cpu()
+            t_bare += time.perf_counter() - t0
+            del p
+    mpix = n * n / 1e6
+    print(f"  bare batched forward : {mpix / t_bare:8.3f} Mpix/s  ({t_bare:.1f} s)")
+    print(f"  clumps stage (run)   : {mpix / t_stage:8.3f} Mpix/s  ({t_stage:.1f} s, {n_obj} blobs incl. halo)")
+    print(f"  stage / bare         : {t_bare / t_stage:8.3f}  (target >= 0.85)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--eval-size", type=int, default=2048, help="held-out mosaic side (px)")
+    p.add_argument("--seed", type=int, default=9001, help="held-out simulation seed")
+    p.add_argument("--clumps", type=float, default=60.0, help="clumpy hosts per Mpix")
+    p.add_argument("--eval-tile", type=int, default=1024)
+    p.add_argument("--threshold", type=float, default=None, help="clumps.threshold (default: the stage's)")
+    p.add_argument("--size", type=int, default=8192, help="throughput field side (px)")
+    p.add_argument("--tile", type=int, default=2048, help="throughput tile core (px)")
+    p.add_argument("--patch", type=int, default=2112, help="clumps.patch: >= tile + 2 margin keeps one patch per tile")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--skip-throughput", action="store_true")
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_clumps_") as tmp:
+        sim = None if a.skip_eval else accuracy(a, tmp)
+        if not a.skip_throughput:
+            throughput(a, sim)
+
+
+if __name__ == "__main__":
+    main()
