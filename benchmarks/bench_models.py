@@ -50,6 +50,8 @@ def main():
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, tile {a.tile}x{a.tile}")
     print(f"{'network':<9} {'weights':<10} {'device':<6} {'mode':<14} {'batch':>5} {'tiles/s':>8} {'Mpix/s':>7}")
     for kind, recipe in RECIPES.items():
+        if kind == "morphology":  # a stamp regressor, not a dense map: see benchmarks/bench_morphology.py
+            continue
         base, origin = load(kind)
         c_in = base.config.in_channels
         for dev in devices:

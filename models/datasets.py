@@ -1262,3 +1262,6 @@ __all__ = ["ClumpSetConfig", "BlendSetConfig", "FieldSetConfig", "TRAINING_SETS"
            "StampPool", "TrainingStream", "stamp_streams", "throughput", "cache_to", "load_cached",
            "detection_targets", "centernet_targets", "ownership_masks", "disc_mask", "render_point_sources",
            "psf_effective_area", "stamp_psf", "dihedral_array", "dihedral_yx"]
+
+# The morphology set lives in its own module, which adds itself to TRAINING_SETS on import.
+from . import morph_data as _morph_data  # noqa: E402,F401  (imported last: it uses names defined above)

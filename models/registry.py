@@ -14,7 +14,7 @@ from deepmosaic.pipeline.errors import ConfigError
 
 _REGISTRY: dict[str, tuple[type, type]] = {}
 # Modules that register the built-in architectures; imported on first lookup.
-_BUILTIN_MODULES = ("unet", "prob_unet", "detection")
+_BUILTIN_MODULES = ("unet", "prob_unet", "detection", "morphology")
 
 
 def register(name: str, config_class: type) -> Callable[[type], type]:

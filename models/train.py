@@ -25,6 +25,7 @@ from deepmosaic.pipeline.config import field, from_mapping, require, to_dict
 from deepmosaic.pipeline.errors import ConfigError
 
 from . import losses
+from .morphology import MorphologyRecipe
 from .registry import build
 
 log = logging.getLogger("deepmosaic")
@@ -383,7 +384,8 @@ class DetectRecipe(Recipe):
         return {"completeness": s["completeness"], "purity": s["purity"], "f1": s["f1"]}
 
 
-RECIPES = {"clumps": ClumpRecipe, "deblend": DeblendRecipe, "detect": DetectRecipe}
+RECIPES = {"clumps": ClumpRecipe, "deblend": DeblendRecipe, "detect": DetectRecipe,
+           "morphology": MorphologyRecipe}  # regression recipe: models/morphology.py
 
 
 def _forward_batched(model, x, batch: int = 32):

@@ -34,7 +34,7 @@ import os
 
 import numpy as np
 
-from . import eval_clumps, eval_deblend, eval_detect, metrics
+from . import eval_clumps, eval_deblend, eval_detect, eval_morphology, metrics
 from .errors import InputError, StoreError
 from .store import open_store, read_catalog
 from .truth import read_truth
@@ -400,6 +400,9 @@ def evaluate_store(store_path, truth_path, max_sep=2.0, stages=None) -> dict:
         deblend = eval_deblend.for_stage(root, stage, segmap)
         if deblend:
             attrs["deblend"] = out.setdefault("_deblend", {})[stage] = deblend
+        morph = eval_morphology.for_stage(read_catalog(store_path, stage), table, max_sep)
+        if morph:
+            attrs["morphology"] = out.setdefault("_morphology", {})[stage] = morph
         if stage not in BASELINES:
             vs = _versus(found, truth, stage)
             if vs:
@@ -486,5 +489,6 @@ def format_summary(summary: dict) -> str:
                          f"{d['only_stage']}, only {base} {d['only_baseline']}, neither {d['neither']}")
     lines.extend(eval_detect.format_lines(summary.get("_detection")))
     lines.extend(eval_deblend.format_lines(summary.get("_deblend")))
+    lines.extend(eval_morphology.format_lines(summary.get("_morphology")))
     lines.extend(eval_clumps.format_lines(summary.get("_clumps")))
     return "\n".join(lines)

@@ -32,6 +32,12 @@ def _load_optional():
     except ImportError:
         pass
     try:
+        from .morphology_task import MorphologyFitTask, MorphologyTask
+        STAGES.setdefault("morphology", MorphologyTask)
+        STAGES.setdefault("morphology_fit", MorphologyFitTask)
+    except ImportError:
+        pass
+    try:
         from .deblend_task import DeblendTask
         STAGES.setdefault("deblend", DeblendTask)
     except ImportError:

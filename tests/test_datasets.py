@@ -69,7 +69,7 @@ def test_streams_are_disjoint_across_splits_and_kinds():
 
 
 def test_training_sets_table_and_configs():
-    assert set(ds.TRAINING_SETS) == set(KINDS)
+    assert set(ds.TRAINING_SETS) == set(KINDS) | {"morphology"}  # morphology: models/morph_data.py
     for kind, (cls, gen) in ds.TRAINING_SETS.items():
         cfg = cls().validate()
         assert cfg.pixel_scale == 0.2

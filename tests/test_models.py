@@ -211,7 +211,8 @@ class TestCenterNet(ModelTester):
 
 def test_every_architecture_has_a_tester():
     tested = {cls.name for cls in ModelTester.__subclasses__()}
-    assert set(registry.names()) == tested == {"unet", "prob_unet", "centernet"}
+    # morphnet regresses stamps to numbers (no dense map, fixed input size): tests/test_morphology.py
+    assert set(registry.names()) - {"morphnet"} == tested == {"unet", "prob_unet", "centernet"}
 
 
 # -- registry ------------------------------------------------------------------------------------------------
