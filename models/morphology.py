@@ -184,9 +184,11 @@ def predict(model: MorphNet, x: np.ndarray, batch_size: int = 256, device: str |
             ) -> tuple[np.ndarray, np.ndarray]:
     """Means [B, 6] and calibrated sigmas [B, 5] for prepared inputs ``x``, in batches."""
     model.eval()
+    model.to(memory_format=torch.channels_last)    # ~1.5x faster convolutions on CPU
     mus, sigs = [], []
     for i in range(0, len(x), batch_size):
         xb = torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).to(device)
+        xb = xb.contiguous(memory_format=torch.channels_last)
         m, s = model.mean_sigma(xb)
         mus.append(m.float().cpu().numpy())
         sigs.append(s.float().cpu().numpy())
@@ -231,6 +233,39 @@ def calibrate(model: MorphNet, x: np.ndarray, batch: dict, target: float = 0.682
     return scales
 
 
+def calibrate_weights(src, dst, n: int = 3000, seed: int = 7, description: str | None = None) -> dict:
+    """Calibrate the sigmas of trained weights ``src`` on ``n`` fresh validation stamps and save them as ``dst``.
+
+    The stamps are ``make_morph_batch(<the card's training-set config>, seed, n, split='val')``: a seed that
+    differs from the training run's, so neither the training pool nor the validation set that picked the
+    best epoch is reused. The card keeps the source's training set, seed and history, and records the
+    scales, their data and the coverage before and after.
+    """
+    from .morph_data import MorphSetConfig, make_morph_batch
+    from .weights_io import load_model, read_card, save_model
+    card = read_card(src)
+    model = load_model(src)
+    cfg = from_mapping(MorphSetConfig, (card.get("training_set") or {}).get("config") or {}, where="calibration")
+    batch = make_morph_batch(cfg, seed=seed, n=n, split="val")
+    x = prepare_inputs(batch["image"], batch["psf_fwhm"], batch["psf_beta"])
+
+    def coverage():
+        err = errors_vs_truth(decode(*predict(model, x)), batch)
+        return {c: float(np.nanmean(err[c])) for c in _CAL_COLUMNS}
+
+    model.sigma_scale.fill_(1.0)
+    before = coverage()
+    scales = calibrate(model, x, batch)
+    after = coverage()
+    extra = dict(card.get("extra") or {})
+    extra["calibration"] = {"sigma_scale": dict(zip(_CAL_COLUMNS, scales)), "n": n, "seed": seed, "split": "val",
+                            "coverage_before": before, "coverage_after": after}
+    new = {"training_set": card.get("training_set"), "seed": card.get("seed"), "metrics": card.get("metrics"),
+           "description": description or card.get("description"), "extra": extra}
+    return save_model(model.to(memory_format=torch.contiguous_format), dst, new,
+                      dtype=card["weights"].get("dtype", "float32"), overwrite=True)
+
+
 # ------------------------------------------------------------------------------------------- training recipe
 
 class MorphologyRecipe:
@@ -256,6 +291,11 @@ class MorphologyRecipe:
     def pool(self, seed: int, generation: int, size: int):
         return self.morph_data.MorphPool(self.data_config, seed=seed, size=size, split="train",
                                          start=generation * size)
+
+    def init_from(self, model, source) -> None:
+        """``train.init``: continue from a trained MorphNet (every tensor, strictly; the calibration reset)."""
+        model.load_state_dict(source.state_dict())
+        model.sigma_scale.fill_(1.0)
 
     def inputs_targets(self, batch: dict):
         x = prepare_inputs(batch["image"], batch["psf_fwhm"], batch["psf_beta"])

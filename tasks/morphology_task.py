@@ -123,7 +123,8 @@ def cut_stamps(tile: TileInput, x, y, size: int, labels=None, own=None, mask_nei
 
     Returns
     -------
-    stamps float32 [k, size, size], flags int64 [k] (NEIGHBOUR, TRUNCATED)
+    stamps float32 [k, size, size], flags int64 [k] (NEIGHBOUR, TRUNCATED), replaced bool [k, size, size]
+    (pixels filled with noise: outside the window, masked, or a neighbour's footprint)
     """
     norm = ClumpsTask.normalise(tile)
     H, W = norm.shape
@@ -132,6 +133,7 @@ def cut_stamps(tile: TileInput, x, y, size: int, labels=None, own=None, mask_nei
     k = len(x)
     stamps = np.zeros((k, size, size), np.float32)
     flags = np.zeros(k, np.int64)
+    replaced = np.zeros((k, size, size), bool)
     for i in range(k):
         ix0 = int(math.floor(float(x[i]) - c + 0.5))
         iy0 = int(math.floor(float(y[i]) - c + 0.5))
@@ -162,7 +164,8 @@ def cut_stamps(tile: TileInput, x, y, size: int, labels=None, own=None, mask_nei
             # noise seeded by the object's mosaic pixel: the stamp does not depend on the tiling
             rng = np.random.default_rng([iy0 + oy + 2**20, ix0 + ox + 2**20])
             st[replace] = rng.standard_normal(int(replace.sum())).astype(np.float32)
-    return stamps, flags
+        replaced[i] = replace
+    return stamps, flags, replaced
 
 
 def _ordered(x, y, values: dict, flags) -> dict:
@@ -190,7 +193,10 @@ class _MorphologyBase(Task):
     def halo(self) -> int:
         return self.stamp_size // 2 + 2
 
-    def measure(self, stamps: np.ndarray) -> tuple[dict, np.ndarray]:  # pragma: no cover - abstract
+    def measure(self, stamps: np.ndarray, replaced: np.ndarray | None = None
+                ) -> tuple[dict, np.ndarray]:  # pragma: no cover - abstract
+        """Values (PARAMS and ``*_err`` arrays) and stage flags of stamps [k, S, S]; ``replaced`` marks the
+        pixels filled with noise (the fit gives them no weight)."""
         raise NotImplementedError
 
     def run(self, tile: TileInput) -> TaskOutput:
@@ -221,17 +227,17 @@ class _MorphologyBase(Task):
         if len(rows):
             seg = det.maps.get("segmentation")
             if seg is not None:
-                stamps, f = cut_stamps(tile, x[rows], y[rows], self.stamp_size, labels=np.asarray(seg),
+                stamps, f, replaced = cut_stamps(tile, x[rows], y[rows], self.stamp_size, labels=np.asarray(seg),
                                        own=rows + 1, mask_neighbours=cfg.mask_neighbours,
                                        neighbour_frac=cfg.neighbour_frac)
             else:
                 flux = np.asarray(det.catalog.get("flux", np.ones(n)), np.float64)
-                stamps, f = cut_stamps(tile, x[rows], y[rows], self.stamp_size,
+                stamps, f, replaced = cut_stamps(tile, x[rows], y[rows], self.stamp_size,
                                        neighbour_xy=np.c_[x, y], neighbour_flux=flux, own_flux=flux[rows],
                                        neighbour_frac=cfg.neighbour_frac)
                 notes.append(f"no segmentation map from '{cfg.detection}': neighbours flagged by position and "
                              "flux, not masked")
-            vals, f2 = self.measure(stamps)
+            vals, f2 = self.measure(stamps, replaced)
             for k, v in vals.items():
                 out[k][rows] = v
             flags[rows] |= f | f2
@@ -241,21 +247,27 @@ class _MorphologyBase(Task):
 # --------------------------------------------------------------------------------------------- morphology
 
 @dataclass(frozen=True)
-class MorphologyConfig:
+class _StampConfig:
+    """Settings both morphology stages share: which detections, the PSF, neighbours."""
+
+    detection: str = field("sep", "Stage whose catalog is measured: 'sep' (footprints: neighbours masked) or "
+                                  "'detect' (stars skipped).")
+    psf_fwhm: float = field(3.5, "PSF FWHM in pixels (the simulated mosaics: 0.7 arcsec / 0.2 arcsec/px).")
+    psf_beta: float = field(3.0, "Moffat beta of the PSF.")
+    mask_neighbours: bool = field(True, "Replace other detections' footprint pixels in a stamp by noise.")
+    neighbour_frac: float = field(0.1, "NEIGHBOUR flag when other detections' light in the stamp exceeds this "
+                                       "fraction of the object's own.")
+
+
+@dataclass(frozen=True)
+class MorphologyConfig(_StampConfig):
     """Settings of the ``morphology`` stage (the CNN)."""
 
     stage_name = "morphology"
     weights: str | None = field(None, "Weights file (NAME, NAME.safetensors or NAME.json with its model card); "
                                       "None: the shipped default models/weights/morphology.")
-    detection: str = field("sep", "Stage whose catalog is measured: 'sep' (footprints: neighbours masked) or "
-                                  "'detect' (stars skipped).")
-    psf_fwhm: float = field(3.5, "PSF FWHM in pixels (the simulated mosaics: 0.7 arcsec / 0.2 arcsec/px).")
-    psf_beta: float = field(3.0, "Moffat beta of the PSF.")
     batch_size: int = field(256, "Stamps per forward call.")
     device: str = field("auto", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
-    mask_neighbours: bool = field(True, "Replace other detections' footprint pixels in a stamp by noise.")
-    neighbour_frac: float = field(0.1, "NEIGHBOUR flag when other detections' light in the stamp exceeds this "
-                                       "fraction of the object's own.")
 
     def validate(self):
         w = self.stage_name
@@ -316,7 +328,7 @@ class MorphologyTask(_MorphologyBase):
 
     __getstate__ = ClumpsTask.__getstate__
 
-    def measure(self, stamps):
+    def measure(self, stamps, replaced=None):
         from deepmosaic.models.morphology import decode, predict, prepare_inputs
         cfg = self.config
         info = self.network_info()
@@ -339,21 +351,15 @@ class MorphologyTask(_MorphologyBase):
 # --------------------------------------------------------------------------------------------- morphology_fit
 
 @dataclass(frozen=True)
-class MorphologyFitConfig:
+class MorphologyFitConfig(_StampConfig):
     """Settings of the ``morphology_fit`` baseline (PSF-convolved Sersic and bulge + disk least squares)."""
 
     stage_name = "morphology_fit"
-    detection: str = field("sep", "Stage whose catalog is measured: 'sep' or 'detect'.")
-    psf_fwhm: float = field(3.5, "PSF FWHM in pixels.")
-    psf_beta: float = field(3.0, "Moffat beta of the PSF.")
     stamp_size: int = field(48, "Stamp side in px (the network's, so both stages see the same pixels).")
     oversample: int = field(3, "Sub-pixels per pixel per axis of the model rendering (3 agrees with GalSim's "
                                "FFT rendering to < 0.6 sigma of residual S/N at S/N 300).")
     max_nfev: int = field(300, "Maximum model evaluations per fit (least_squares max_nfev).")
     bulge_disk: bool = field(True, "Also fit bulge + disk (gives bulge_frac; chosen for r_half/q/pa by BIC).")
-    mask_neighbours: bool = field(True, "Replace other detections' footprint pixels in a stamp by noise.")
-    neighbour_frac: float = field(0.1, "NEIGHBOUR flag when other detections' light in the stamp exceeds this "
-                                       "fraction of the object's own.")
 
     def validate(self):
         w = self.stage_name
@@ -376,7 +382,7 @@ class MorphologyFitTask(_MorphologyBase):
     def stamp_size(self) -> int:
         return self.config.stamp_size
 
-    def measure(self, stamps):
+    def measure(self, stamps, replaced=None):
         from deepmosaic.models.profile_fit import ProfileRenderer, fit_stamp
         cfg = self.config
         renderer = ProfileRenderer(cfg.stamp_size, cfg.psf_fwhm, cfg.psf_beta, oversample=cfg.oversample)
@@ -384,8 +390,8 @@ class MorphologyFitTask(_MorphologyBase):
         vals = {p: np.full(k, np.nan) for p in PARAMS}
         vals.update({p + "_err": np.full(k, np.nan) for p in PARAMS})
         flags = np.zeros(k, np.int64)
-        weight = np.ones(stamps.shape[1:])
         for i in range(k):
+            weight = np.ones(stamps.shape[1:]) if replaced is None else (~replaced[i]).astype(float)
             r = fit_stamp(stamps[i].astype(np.float64), weight, renderer, cfg.bulge_disk, cfg.max_nfev)
             for p in PARAMS:
                 vals[p][i], vals[p + "_err"][i] = r[p], r[p + "_err"]

@@ -82,3 +82,22 @@ def test_fit_stage_config_is_validated():
         MorphologyFitTask({"max_nfv": 10})
     t = get_task_class("morphology_fit")({"detection": "detect"})
     assert t.requires == ("detect",) and t.columns is MORPH_COLUMNS and t.halo == SIZE // 2 + 2
+
+
+def test_fit_stage_measures_the_detections_it_is_given():
+    from deepmosaic.pipeline.simulate import make_psf, render_profile
+    from deepmosaic.tasks.base import TileInput
+    from deepmosaic.tasks.sep_task import SepTask
+    model = np.zeros((120, 120))
+    render_profile(3e4, 60.3, 58.6, psf=make_psf(FWHM, BETA), kind="galaxy", hlr=4.0, sersic_n=2.0, q=0.6,
+                   angle=60.0).add_to(model)
+    img = (model + 100.0 + np.random.default_rng(5).normal(0, 5.0, model.shape)).astype(np.float32)
+    tile = TileInput(image=img, background=np.full(img.shape, 100.0, np.float32),
+                     rms=np.full(img.shape, 5.0, np.float32), global_rms=5.0, mask=np.zeros(img.shape, bool),
+                     variance=None, origin=(0, 0), core=(slice(0, 120), slice(0, 120)))
+    tile.upstream["sep"] = SepTask().run(tile)
+    cat = MorphologyFitTask().run(tile).catalog
+    assert list(cat) == list(MORPH_COLUMNS) and len(cat["x"]) == len(tile.upstream["sep"].catalog["x"]) == 1
+    assert cat["flags"][0] == 0
+    assert abs(cat["r_half"][0] / 4.0 - 1) < 0.1 and abs(cat["sersic_n"][0] / 2.0 - 1) < 0.2
+    assert abs(cat["q"][0] - 0.6) < 0.05 and abs(cat["pa"][0] - 60.0) < 5.0
