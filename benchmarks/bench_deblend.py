@@ -142,21 +142,32 @@ def run_stamps(batch: dict, deblend_task) -> dict:
     return res
 
 
-def run_network(batch: dict, model, n_samples: int = 8) -> dict:
-    """The network alone, told the true centres: IoU [n, 2], labels and uncertainty per stamp."""
+def run_network(batch: dict, model, task, n_samples: int = 8, flips: bool = False) -> dict:
+    """The network alone, told the true centres: IoU [n, 2], labels, uncertainty and the stage's shared
+    fluxes (with wings) per stamp."""
     import torch
 
     from deepmosaic.models.train import DeblendRecipe
     from deepmosaic.pipeline.metrics import stamp_iou
     x = torch.from_numpy(DeblendRecipe.stamp_inputs(batch["image"], batch["peaks"]))
     t0 = time.perf_counter()
-    masks, prob, unc = DeblendRecipe.predict(model, x, n_samples=n_samples)
+    masks, prob, unc = DeblendRecipe.predict(model, x, n_samples=n_samples, flips=flips)
     seconds = time.perf_counter() - t0
     truth = batch["masks"] > 0.5
     iou = np.stack([stamp_iou(truth[:, k], masks[:, k]) for k in range(2)], axis=1)
     lab_t = np.where(truth[:, 0], 1, np.where(truth[:, 1], 2, 0))
     lab_p = np.where(masks[:, 0], 1, np.where(masks[:, 1], 2, 0))
-    return {"iou": iou, "wrong": lab_t != lab_p, "unc": unc, "seconds": seconds}
+    flux = np.full((len(prob), 2), np.nan)
+    ones = np.ones(prob.shape[-2:])
+    for i in range(len(prob)):
+        total = prob[i].sum(axis=0)
+        core = total > task.config.share_floor
+        shared = {k: np.where(core, prob[i, k] / np.maximum(total, 1e-12), 0.0) for k in range(2)
+                  if masks[i, k].any()}
+        f, e = np.full(2, np.nan), np.full(2, np.nan)
+        task._share_flux(shared, core, ones > 0, batch["image"][i, 0].astype(np.float64), ones, f, e)
+        flux[i] = f
+    return {"iou": iou, "wrong": lab_t != lab_p, "unc": unc, "seconds": seconds, "flux": flux}
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -172,16 +183,21 @@ def flux_residual(measured, true, keep) -> float:
     return float(np.median(r)) if len(r) else float("nan")
 
 
-def iou_table(name: str, batch: dict, stamps: dict | None, net: dict) -> list[dict]:
+def iou_table(name: str, batch: dict, stamps: dict | None, nets: dict) -> list[dict]:
     sub = subset(batch)
     rows = []
-    cols = [("sep", stamps and stamps["sep_iou"]), ("stage", stamps and stamps["stage_iou"]),
-            ("network", net["iou"])]
+    cols = [("sep", stamps and stamps["sep_iou"]), ("stage", stamps and stamps["stage_iou"])] + \
+        [(who, net["iou"]) for who, net in nets.items()]
     for who, iou in cols:
         if iou is None:
             continue
         row = {"set": name, "deblender": who, "n": len(iou), "central": iou[:, 0].mean(),
                "companion": iou[:, 1].mean(), "companion_snr20_2fwhm": iou[sub, 1].mean(), "n_subset": int(sub.sum())}
+        if who in nets:
+            net = nets[who]
+            row["flux_med_abs_resid"] = flux_residual(net["flux"], batch["flux"], np.isfinite(net["flux"]))
+            in_mask = (batch["isolated"] * (batch["masks"] > 0.5)).sum(axis=(-2, -1))
+            row["flux_vs_in_mask"] = flux_residual(net["flux"], in_mask, np.isfinite(net["flux"]))
         if stamps is not None and who in ("sep", "stage"):
             f = stamps[f"{who}_flux"]
             keep = stamps["stage_deblended"] if who == "stage" else np.isfinite(f)
@@ -229,7 +245,7 @@ def print_tables(rows, rel):
 
 # ------------------------------------------------------------------------------------------------ field
 
-def field_benchmark(size: int, tile: int, weights: str | None):
+def field_benchmark(size: int, tile: int, weights: str | None, settings=()):
     """Run sep,deblend over a simulated size x size field in this process; time each stage."""
     import tempfile
 
@@ -261,7 +277,8 @@ def field_benchmark(size: int, tile: int, weights: str | None):
     origs = timed(SepTask, "sep"), timed(DeblendTask, "deblend")
     try:
         t0 = time.perf_counter()
-        sets = ["deblend.device=cpu"] + ([f"deblend.weights={weights}"] if weights else [])
+        sets = ["deblend.device=cpu"] + ([f"deblend.weights={weights}"] if weights else []) + \
+            [f"deblend.{a}" for a in settings]
         run(str(image), str(d / "field.zarr"), stages="sep,deblend", tile=tile, workers=0, set=sets)
         total = time.perf_counter() - t0
     finally:
@@ -287,6 +304,8 @@ def main(argv=None):
     ap.add_argument("--no-field", action="store_true", help="skip the field run")
     ap.add_argument("--no-hst", action="store_true", help="skip the real-galaxy set")
     ap.add_argument("--no-stage", action="store_true", help="network only (no sep / stage rows)")
+    ap.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE",
+                    help="deblend stage setting for the stage rows and the field run, e.g. flip_average=true")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -294,7 +313,8 @@ def main(argv=None):
     from deepmosaic.tasks.deblend_task import DeblendTask
     weights = args.weights or str(shipped("deblend"))
     model = load_model(weights)
-    task = DeblendTask({"device": "cpu", "weights": weights})
+    overrides = dict(a.split("=", 1) for a in args.set)   # strings: the config coerces them
+    task = DeblendTask({"device": "cpu", "weights": weights, **overrides})
     sets = {"sim": lambda: sim_set(args.n), "sim-bd": lambda: sim_set(args.n, bulge_disk_fraction=1.0)}
     if args.no_hst:
         print("hst set: skipped (--no-hst)")
@@ -307,16 +327,19 @@ def main(argv=None):
         t0 = time.perf_counter()
         batch = make()
         t_make = time.perf_counter() - t0
-        net = run_network(batch, model)
+        nets = {"network": run_network(batch, model, task),
+                "network, 8 flips": run_network(batch, model, task, flips=True)}
         stamps = None if args.no_stage else run_stamps(batch, task)
-        rows += iou_table(name, batch, stamps, net)
-        rel[name] = reliability(net)
+        rows += iou_table(name, batch, stamps, nets)
+        rel[name] = reliability(nets["network"])
+        rel[name + ", 8 flips"] = reliability(nets["network, 8 flips"])
         extra = "" if stamps is None else f", stage {len(batch['image']) / stamps['stage_seconds']:.1f} blends/s"
-        print(f"{name}: {len(batch['image'])} blends built in {t_make:.1f} s; network {net['seconds']:.1f} s "
-              f"({len(batch['image']) / net['seconds']:.1f} blends/s with 8 latent draws){extra}", flush=True)
+        speed = ", ".join(f"{who} {len(batch['image']) / net['seconds']:.1f}" for who, net in nets.items())
+        print(f"{name}: {len(batch['image'])} blends built in {t_make:.1f} s; blends/s (8 latent draws): {speed}"
+              f"{extra}", flush=True)
     print_tables(rows, rel)
     if not args.no_field:
-        field_benchmark(args.size, args.tile, args.weights)
+        field_benchmark(args.size, args.tile, args.weights, args.set)
 
 
 if __name__ == "__main__":

@@ -185,8 +185,8 @@ class ClumpRecipe(Recipe):
 
 class DeblendRecipe(Recipe):
     """Probabilistic U-Net (:class:`~deepmosaic.models.prob_unet.ProbUNet`) told where the detected peaks
-    are. Input: ``asinh(image / noise sigma)`` (the 1-sigma truth boundary stays in the linear part, bright
-    cores are compressed) + one Gaussian peak marker per galaxy (central; companion or companions); output:
+    are. Input: the image in noise-sigma units + one Gaussian peak marker per galaxy (central; companion or
+    companions); output:
     one sigmoid mask per galaxy, made disjoint by :meth:`masks_from_probs`.
 
     Loss, per object so the small companion counts as much as the central: BCE + soft Dice of the logits at a
@@ -221,8 +221,37 @@ class DeblendRecipe(Recipe):
     @classmethod
     def stamp_inputs(cls, image: np.ndarray, peaks: np.ndarray) -> np.ndarray:
         """Network input [n, 3, H, W] from images [n, 1, H, W] in noise-sigma units and peaks [n, k, 2]."""
-        img = np.arcsinh(np.asarray(image, np.float32))
+        img = np.asarray(image, np.float32)
         return np.concatenate([img, cls.peak_channels(peaks, img.shape[-2:])], axis=1)
+
+    def init_from(self, model, source) -> None:
+        """A probabilistic U-Net started from a trained plain U-Net of the same body: the body as it is; the
+        latent combination ``fcomb`` starts as the identity on the features (the body ends in a ReLU, so the
+        features are >= 0 and pass the ReLUs unchanged) with small latent weights, and its last 1x1 conv is the
+        U-Net's head. At the start the prior-mean prediction is the U-Net's own (up to the small latent term)."""
+        if not (hasattr(model, "fcomb") and hasattr(source, "head")):
+            return super().init_from(model, source)
+        model.body.load_state_dict(source.body.state_dict())
+        convs = [m for m in model.fcomb if isinstance(m, torch.nn.Conv2d)]
+        f = model.body.out_channels
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for conv in convs[:-1]:
+                conv.weight.zero_()
+                conv.bias.zero_()
+                conv.weight[:f, :f, 0, 0] = torch.eye(f)
+                if conv.weight.shape[1] > f:              # the latent's columns
+                    conv.weight[:, f:, 0, 0] = 0.01 * torch.randn(conv.weight.shape[0], conv.weight.shape[1] - f,
+                                                                 generator=gen)
+            last = convs[-1]
+            if len(convs) == 1:
+                last.weight.zero_()
+                last.weight[:, :f] = source.head.weight
+                last.weight[:, f:, 0, 0] = 0.01 * torch.randn(last.weight.shape[0], last.weight.shape[1] - f,
+                                                             generator=gen)
+            else:
+                last.weight.copy_(source.head.weight)
+            last.bias.copy_(source.head.bias)
 
     def inputs_targets(self, batch):
         return _t(self.stamp_inputs(batch["image"], batch["peaks"])), _t(batch["masks"])
@@ -273,10 +302,12 @@ class DeblendRecipe(Recipe):
 
     @staticmethod
     @torch.no_grad()
-    def sample_probs(model, x: torch.Tensor, n_samples: int = 8, seeds=None, batch: int = 32):
+    def sample_probs(model, x: torch.Tensor, n_samples: int = 8, seeds=None, batch: int = 32, flips: bool = False):
         """Sigmoid probabilities of network inputs ``x`` [n, 3, H, W] at the prior mean, and ``n_samples``
         draws from the prior (latent noise of stamp ``i`` from ``torch.Generator`` seeded with ``seeds[i]``,
-        default ``i``: the same stamp gives the same draws whatever batch it is in).
+        default ``i``: the same stamp gives the same draws whatever batch it is in). ``flips``: the
+        probabilities are averaged over the 8 flips/rotations of each (square) stamp (8x the compute; the
+        draws stay those of the stamp as it is).
 
         Returns numpy ``(prob float32 [n, k, H, W], samples float32 [s, n, k, H, W])``; a plain U-Net (no
         latent) or ``n_samples=0`` gives ``samples = prob[None]``."""
@@ -296,16 +327,19 @@ class DeblendRecipe(Recipe):
             else:
                 pb = torch.sigmoid(model(xb).logits if hasattr(model, "prior") else model(xb))
                 sb = pb[None]
+            if flips:
+                pb = sum(_dihedral(torch.sigmoid(_logits(model, _dihedral(xb, t))), t, inverse=True)
+                         for t in range(8)) / 8
             probs.append(pb.float().cpu().numpy())
             draws.append(sb.float().cpu().numpy())
         return np.concatenate(probs), np.concatenate(draws, axis=1)
 
     @classmethod
-    def predict(cls, model, x: torch.Tensor, n_samples: int = 8, seeds=None, batch: int = 32):
+    def predict(cls, model, x: torch.Tensor, n_samples: int = 8, seeds=None, batch: int = 32, flips: bool = False):
         """Disjoint masks, probabilities (prior mean) and per-pixel uncertainty (:meth:`error_probability`
         over ``n_samples`` prior draws) of network inputs ``x`` [n, 3, H, W]. Returns numpy ``(masks bool
         [n, k, H, W], prob float32 [n, k, H, W], uncertainty float32 [n, H, W])``."""
-        prob, samples = cls.sample_probs(model, x, n_samples, seeds, batch)
+        prob, samples = cls.sample_probs(model, x, n_samples, seeds, batch, flips)
         masks = cls.masks_from_probs(prob)
         return masks, prob, cls.error_probability(samples, masks)
 
@@ -318,6 +352,21 @@ class DeblendRecipe(Recipe):
         companion = metrics.stamp_iou(truth[:, 1], pred[:, 1])
         return {"central_iou": float(central.mean()), "companion_iou": float(companion.mean()),
                 "mean_iou": float((central.mean() + companion.mean()) / 2)}
+
+
+def _dihedral(x: torch.Tensor, t: int, inverse: bool = False) -> torch.Tensor:
+    """Transform ``t`` (0..7; bit 2 transpose, bit 1 flip y, bit 0 flip x) of ``x[..., y, x]``, or its inverse."""
+    steps = [(4, lambda a: a.transpose(-1, -2)), (2, lambda a: a.flip(-2)), (1, lambda a: a.flip(-1))]
+    for bit, op in (reversed(steps) if inverse else steps):
+        if t & bit:
+            x = op(x)
+    return x
+
+
+def _logits(model, x: torch.Tensor) -> torch.Tensor:
+    """Logits of a plain network, or of a probabilistic U-Net at its prior mean."""
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
 
 
 class DetectRecipe(Recipe):

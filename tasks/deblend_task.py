@@ -113,6 +113,8 @@ class DeblendConfig:
                                      "this count for no member.")
     flux_wings: int = field(4, "Member fluxes also take the light of a ring this wide (px) around the shared "
                                "region, split in proportion to the members' shares (0: none).")
+    flip_average: bool = field(False, "Average the probabilities over the 8 flips/rotations of each stamp "
+                                      "(8x the compute).")
     batch_size: int = field(32, "Stamps per forward call.")
     device: str = field("auto", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
 
@@ -344,7 +346,7 @@ class DeblendTask(Task):
         # seeds from the stamp centre in mosaic pixels: both tiles of a seam draw the same latents
         oy, ox = origin
         seeds = np.array([(c.cy + oy) * 1_000_003 + (c.cx + ox) for c in calls], np.int64) % (2 ** 62)
-        return DeblendRecipe.sample_probs(model, x, cfg.n_samples, seeds, cfg.batch_size)
+        return DeblendRecipe.sample_probs(model, x, cfg.n_samples, seeds, cfg.batch_size, cfg.flip_average)
 
     def run(self, tile: TileInput) -> TaskOutput:
         from deepmosaic.models.train import DeblendRecipe
