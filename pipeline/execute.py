@@ -153,6 +153,9 @@ def executor(workers: int | None = None, scheduler: str | None = None, security=
     from distributed import Client, LocalCluster
     _quiet_distributed()
     if scheduler:
+        if not scheduler.startswith(("tls://", "tcp://127.", "tcp://localhost", "inproc://")) and security is None:
+            log.warning("scheduler %s: plain TCP off this machine; anyone who reaches it can run code as you "
+                        "(use a tls:// scheduler, e.g. through `deepmosaic workflow run` with TLS files)", scheduler)
         client = Client(scheduler, security=security, timeout="30s")
         try:
             log.info("attached to Dask scheduler %s (dashboard: %s)", scheduler, client.dashboard_link)

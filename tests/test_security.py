@@ -1,5 +1,6 @@
 """Security of the Dask clusters: local ones listen on loopback only (scheduler, workers, nannies,
 dashboard); TLS clusters refuse clients without the run's credentials; remote schedulers need TLS."""
+import gc
 import os
 
 import psutil
@@ -18,9 +19,11 @@ def _listening(proc):
         return []
 
 
-def test_local_cluster_listens_on_loopback_only(tmp_path):
+@pytest.mark.parametrize("which", ["deepmosaic run", "workflow"])
+def test_local_cluster_listens_on_loopback_only(tmp_path, which):
+    from deepmosaic.pipeline.execute import executor
     spec = from_mapping(ClusterSpec, {"kind": "local", "workers": 2})
-    with open_executor(spec, str(tmp_path)) as ex:
+    with (executor(workers=2) if which == "deepmosaic run" else open_executor(spec, str(tmp_path))) as ex:
         info = ex.client.scheduler_info(n_workers=-1)
         assert info["address"].startswith("tcp://127.0.0.1:")
         assert len(info["workers"]) == 2
@@ -50,6 +53,7 @@ def test_tls_cluster_refuses_clients_without_its_credentials(tmp_path):
             "another run's credentials": dict(address=address, security=Security.temporary()),  # cert refused
         }
         for what, kw in attempts.items():
+            gc.collect()  # a refused Client collected inside the next Client() deadlocks distributed's loop lock
             with pytest.raises((OSError, TimeoutError, ValueError, TypeError)):
                 c = Client(**kw, timeout="3s")
                 try:  # a client that somehow connected must at least fail to run anything
@@ -57,6 +61,7 @@ def test_tls_cluster_refuses_clients_without_its_credentials(tmp_path):
                 finally:
                     c.close()
                 pytest.fail(f"a client with {what} ran a task on the TLS cluster")
+        gc.collect()
 
 
 def test_remote_schedulers_need_tls_and_dashboards_stay_on_loopback():

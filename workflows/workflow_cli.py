@@ -22,7 +22,12 @@ def cmd_workflow_run(a) -> int:
     from .nightly import run_workflow
     from .spec import load_workflow
     wf = load_workflow(a.file)
-    result = run_workflow(wf)
+    try:
+        result = run_workflow(wf)
+    except KeyboardInterrupt:
+        print(f"interrupted; the run index {wf.index_path} says where each input stopped. Run the same "
+              f"command again to resume tile by tile.")
+        return 130
     print(result.summary())
     return 1 if result.failed else 0
 
