@@ -398,7 +398,6 @@ class DetectRecipe(Recipe):
             state[key] = state[key].mean(0, keepdim=True)
         model.load_state_dict(state)
 
-
     def inputs_targets(self, batch):
         from .datasets import centernet_targets
         return _t(batch["image"]), {k: _t(v) for k, v in centernet_targets(batch).items()}

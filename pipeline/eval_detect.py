@@ -191,3 +191,20 @@ def format_lines(per_stage: dict | None) -> list[str]:
     return ["detection (S/N>=10 objects; see pipeline/eval_detect.py):"] + [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         for r in [header] + rows]
+
+
+def report_section(reports: dict) -> list[str]:
+    """HTML parts of the detection section of the report (empty when no stage has detection metrics)."""
+    import html
+    per_stage = {s: r["attrs"]["detection"] for s, r in reports.items() if r["attrs"].get("detection")}
+    rows = detection_table(per_stage)
+    if not rows:
+        return []
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return ["<h2>Detection</h2>",
+            "<p>AP50: COCO-style average precision of the boxes at IoU &ge; 0.5 (true boxes from the truth "
+            "footprints). Blend recall: true objects with S/N&ge;10 and a neighbour (S/N&ge;3) closer than twice "
+            "the larger observed half-light radius; pairs: nearest such neighbour closer than one PSF FWHM. "
+            "Completeness against magnitude: the first figure of the previous section.</p>",
+            '<table class="summary"><thead><tr><th>stage</th><th>AP50</th><th>blend recall (n)</th>'
+            f"<th>pairs &lt; 1 FWHM recall (n)</th></tr></thead><tbody>{body}</tbody></table>"]

@@ -525,6 +525,8 @@ def make_report(store_path, out_dir=None, truth_path=None, max_sep=2.0, cutouts_
                      or "<p>No cutouts.</p>")
     from .eval_clumps import report_section
     parts += report_section(store_path, out, tpath)
+    from .eval_detect import report_section as detect_section
+    parts += detect_section(reports)
     from .eval_deblend import report_section as deblend_section
     parts += deblend_section(reports, out)
     parts.append("</body></html>")
