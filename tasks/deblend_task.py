@@ -194,6 +194,19 @@ def find_blends(seg: np.ndarray, x: np.ndarray, y: np.ndarray, neighbour_distanc
     return groups, in_group & ~touching
 
 
+def brightest_pixels(img: np.ndarray, seg: np.ndarray, n: int) -> np.ndarray:
+    """(y, x) of the largest value of ``img`` in each footprint ``seg == row + 1`` (float [n, 2]; one box per
+    object, so the cost follows the footprints' area, not a sort of the window)."""
+    out = np.zeros((n, 2))
+    for r, box in enumerate(ndimage.find_objects(seg, max_label=n)):
+        if box is None:
+            continue
+        sub = np.where(seg[box] == r + 1, img[box], -np.inf)
+        iy, ix = np.unravel_index(int(np.argmax(sub)), sub.shape)
+        out[r] = (box[0].start + iy, box[1].start + ix)
+    return out
+
+
 def footprint_peaks(smooth: np.ndarray, seg: np.ndarray, n: int, min_separation: int, min_dip: float,
                     rel_dip: float):
     """Secondary peaks inside sep footprints: local maxima of the smoothed image that stand clear of every
@@ -363,7 +376,7 @@ class DeblendTask(Task):
         norm = ClumpsTask.normalise(tile)
         rms2 = np.where(np.isfinite(tile.rms), tile.rms, 0.0).astype(np.float64) ** 2
         smooth = ndimage.gaussian_filter(norm, cfg.peak_smooth)
-        peaks = np.array(ndimage.maximum_position(smooth, seg, np.arange(1, n + 1)), float).reshape(n, 2)
+        peaks = brightest_pixels(smooth, seg, n)
         groups, by_distance = find_blends(seg, np.asarray(scat["x"]), np.asarray(scat["y"]), cfg.neighbour_distance)
         # secondary peaks inside sep footprints become members n, n+1, ... of their footprint's blend
         extra, extra_rows = (footprint_peaks(smooth, seg, n, cfg.peak_min_separation, cfg.peak_min_dip,
