@@ -10,8 +10,9 @@ Outputs (:meth:`MorphNet.forward`): ``[B, 11]`` raw values, decoded by :func:`de
 ``sin 2 theta``, ``B/T`` (of an n=4 bulge + n=1 disk model), and log sigmas of ``log hlr``, ``log n``, ``q``,
 the angle components (one shared sigma) and ``B/T``. ``n`` is learned only from single-Sersic stamps and B/T
 only from bulge + disk stamps (masked likelihood), so each answers "if the galaxy were such a model".
-A buffer ``sigma_scale`` (one factor per sigma, 1 until calibrated) rescales the sigmas so that the 68 %
-intervals cover 68 % of a held-out validation set (:func:`calibrate`).
+A buffer ``sigma_scale`` (``[cal_bins, 5]``: one factor per sigma in each of ``cal_bins`` bins of the log
+brightness scale, i.e. of S/N; 1 until calibrated; bin edges in the buffer ``cal_edges``) rescales the sigmas
+so that the 68 % intervals cover 68 % of a held-out validation set in every bin (:func:`calibrate`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class MorphNetConfig:
                                       "2 at 1/4, 2 at 1/8 resolution")
     hidden: int = field(192, "width of the MLP head")
     dropout: float = field(0.0, "dropout before the last layer")
+    cal_bins: int = field(1, "bins of the log brightness scale (S/N) with their own sigma calibration factors")
 
     def validate(self, where: str = "morphnet") -> None:
         require(self.stamp_size >= 16 and self.stamp_size % 8 == 0, where, "stamp_size", self.stamp_size,
@@ -53,6 +55,8 @@ class MorphNetConfig:
                 self.channels, "give 7 positive widths.")
         require(self.hidden >= 1, where, "hidden", self.hidden, "use at least 1.")
         require(0.0 <= self.dropout < 1.0, where, "dropout", self.dropout, "use a value in [0, 1).")
+        require(isinstance(self.cal_bins, int) and 1 <= self.cal_bins <= 32, where, "cal_bins", self.cal_bins,
+                "an integer in [1, 32], e.g. 4.")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -82,7 +86,8 @@ class MorphNet(nn.Module):
             nn.Linear(9 * c[6] + N_SCALARS, config.hidden), nn.ReLU(inplace=True),
             nn.Linear(config.hidden, config.hidden), nn.ReLU(inplace=True), nn.Dropout(config.dropout),
             nn.Linear(config.hidden, 6 + N_SIGMA))
-        self.register_buffer("sigma_scale", torch.ones(N_SIGMA))
+        self.register_buffer("sigma_scale", torch.ones(config.cal_bins, N_SIGMA))
+        self.register_buffer("cal_edges", torch.zeros(max(config.cal_bins - 1, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [B, 1 + N_SCALARS, S, S] (:func:`prepare_inputs`) -> raw ``[B, 11]``."""
@@ -96,7 +101,11 @@ class MorphNet(nn.Module):
     def mean_sigma(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Means [B, 6] and calibrated sigmas [B, 5] (sigmas clamped to exp([-7, 3]) before the scale)."""
         out = self(x)
-        return out[:, :6], torch.exp(out[:, 6:].clamp(-7.0, 3.0)) * self.sigma_scale
+        if self.config.cal_bins > 1:
+            scale = self.sigma_scale[torch.bucketize(x[:, 1, 0, 0].contiguous(), self.cal_edges)]
+        else:
+            scale = self.sigma_scale[0]
+        return out[:, :6], torch.exp(out[:, 6:].clamp(-7.0, 3.0)) * scale
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -213,38 +222,65 @@ def errors_vs_truth(pred: dict, batch: dict) -> dict[str, np.ndarray]:
 _CAL_COLUMNS = ("r_in", "n_in", "q_in", "pa_in", "bt_in")
 
 
-def calibrate(model: MorphNet, x: np.ndarray, batch: dict, target: float = 0.6827) -> list[float]:
+def calibrate(model, x: np.ndarray, batch: dict, target: float = 0.6827) -> np.ndarray:
     """Set ``model.sigma_scale`` so that each parameter's 68 % interval covers ``target`` of the validation
-    stamps ``x`` (prepared) with truth ``batch``: per head, the smallest scale (bisection on a log grid) whose
-    coverage reaches the target. Returns the scales."""
+    stamps ``x`` (prepared) with truth ``batch``, separately in each of the model's calibration bins (equal
+    counts of the log brightness scale, edges stored in ``model.cal_edges``): per bin and head, the smallest
+    factor (bisection in log) whose coverage reaches the target. Returns the factors ``[bins, 5]``."""
+    shape = tuple(model.sigma_scale.shape)
+    n_bins = shape[0] if len(shape) == 2 else 1
     model.sigma_scale.fill_(1.0)
     mu, sig = predict(model, x)
-    scales = []
-    for k, col in enumerate(_CAL_COLUMNS):
-        lo, hi = math.log(0.05), math.log(20.0)
-        for _ in range(40):
-            mid = 0.5 * (lo + hi)
-            s2 = sig.copy()
-            s2[:, k] *= math.exp(mid)
-            cov = np.nanmean(errors_vs_truth(decode(mu, s2), batch)[col])
-            lo, hi = (mid, hi) if cov < target else (lo, mid)
-        scales.append(math.exp(hi))
-    model.sigma_scale.copy_(torch.tensor(scales, dtype=model.sigma_scale.dtype))
+    which = np.zeros(len(x), int)
+    if n_bins > 1:
+        ls = np.asarray(x[:, 1, 0, 0], np.float64)
+        edges = np.quantile(ls, np.arange(1, n_bins) / n_bins)
+        model.cal_edges.copy_(torch.from_numpy(edges).to(model.cal_edges.dtype))
+        which = np.searchsorted(model.cal_edges.numpy().astype(np.float64), ls, side="left")  # == bucketize
+    scales = np.ones((n_bins, N_SIGMA))
+    for b in range(n_bins):
+        sel = which == b
+        sub = {k: np.asarray(v)[sel] for k, v in batch.items()}
+        for k, col in enumerate(_CAL_COLUMNS):
+            lo, hi = math.log(0.05), math.log(20.0)
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                s2 = sig[sel].copy()
+                s2[:, k] *= math.exp(mid)
+                cov = np.nanmean(errors_vs_truth(decode(mu[sel], s2), sub)[col])
+                lo, hi = (mid, hi) if cov < target else (lo, mid)
+            scales[b, k] = math.exp(hi)
+    model.sigma_scale.copy_(torch.from_numpy(scales.reshape(shape)).to(model.sigma_scale.dtype))
     return scales
 
 
-def calibrate_weights(src, dst, n: int = 3000, seed: int = 7, description: str | None = None) -> dict:
+def calibrate_weights(src, dst, n: int = 3000, seed: int = 7, bins: int = 4, description: str | None = None,
+                      extra: dict | None = None) -> dict:
     """Calibrate the sigmas of trained weights ``src`` on ``n`` fresh validation stamps and save them as ``dst``.
 
     The stamps are ``make_morph_batch(<the card's training-set config>, seed, n, split='val')``: a seed that
     differs from the training run's, so neither the training pool nor the validation set that picked the
     best epoch is reused. The card keeps the source's training set, seed and history, and records the
-    scales, their data and the coverage before and after.
+    scales (``bins`` bins of S/N, via the brightness scale), their data and the coverage before and after
+    (overall), plus ``extra``.
     """
     from .morph_data import MorphSetConfig, make_morph_batch
-    from .weights_io import load_model, read_card, save_model
+    from .weights_io import read_card, save_model
+    from safetensors.torch import load_file
+
+    from .registry import build
+    from .weights_io import WeightsError, _base, _sha256, _with
     card = read_card(src)
-    model = load_model(src)
+    path = _with(_base(src), ".safetensors")
+    if _sha256(path) != card["weights"]["sha256"]:
+        raise WeightsError(f"{path}: sha256 differs from its card's; refusing to calibrate it.")
+    model = build("morphnet", **{**card["config"], "cal_bins": int(bins)})
+    # every trained tensor, in float32; the calibration buffers are new (their shape follows ``bins``)
+    state = {k: v.float() for k, v in load_file(str(path)).items() if k not in ("sigma_scale", "cal_edges")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) - {"sigma_scale", "cal_edges"} or unexpected:
+        raise ValueError(f"{src}: tensors do not fit a MorphNet: missing {missing}, unexpected {unexpected}")
+    model.eval()
     cfg = from_mapping(MorphSetConfig, (card.get("training_set") or {}).get("config") or {}, where="calibration")
     batch = make_morph_batch(cfg, seed=seed, n=n, split="val")
     x = prepare_inputs(batch["image"], batch["psf_fwhm"], batch["psf_beta"])
@@ -257,9 +293,10 @@ def calibrate_weights(src, dst, n: int = 3000, seed: int = 7, description: str |
     before = coverage()
     scales = calibrate(model, x, batch)
     after = coverage()
-    extra = dict(card.get("extra") or {})
-    extra["calibration"] = {"sigma_scale": dict(zip(_CAL_COLUMNS, scales)), "n": n, "seed": seed, "split": "val",
-                            "coverage_before": before, "coverage_after": after}
+    extra = {**(card.get("extra") or {}), **(extra or {})}
+    extra["calibration"] = {"heads": list(_CAL_COLUMNS), "sigma_scale": np.round(scales, 4).tolist(),
+                            "log_brightness_edges": model.cal_edges.tolist()[:bins - 1], "n": n, "seed": seed,
+                            "split": "val", "coverage_before": before, "coverage_after": after}
     new = {"training_set": card.get("training_set"), "seed": card.get("seed"), "metrics": card.get("metrics"),
            "description": description or card.get("description"), "extra": extra}
     return save_model(model.to(memory_format=torch.contiguous_format), dst, new,
