@@ -5,7 +5,7 @@
 # Facts behind each step: ../shared/reference/HPC.md. Stop with .ci/slurm-down.sh.
 set -euo pipefail
 
-STATE=${DEEPMOSAIC_SLURM_DIR:-/tmp/deepmosaic-slurm}
+. "$(dirname "$0")/slurm-lib.sh"
 CONF=/etc/slurm/slurm.conf
 WAIT_S=${DEEPMOSAIC_SLURM_WAIT:-60}
 
@@ -14,16 +14,6 @@ say() { echo "slurm-up: $*"; }
 if [ "$(id -u)" != 0 ]; then
     say "needs root (installs packages and starts daemons); run it as root or skip the slurm tests"; exit 1
 fi
-
-# A pid is alive if /proc/PID exists and the process is not a zombie (a killed daemon may linger as one).
-alive() {
-    local pid=$1
-    [ -n "$pid" ] && [ -r "/proc/$pid/stat" ] || return 1
-    local state
-    state=$(sed -E 's/^[0-9]+ \(.*\) ([A-Za-z]).*/\1/' "/proc/$pid/stat")
-    [ "$state" != Z ] && [ "$state" != X ]
-}
-pid_of() { [ -s "$1" ] && cat "$1" || true; }
 
 # 1. packages
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
