@@ -217,8 +217,10 @@ def test_every_architecture_has_a_tester():
 
 # -- registry ------------------------------------------------------------------------------------------------
 def test_unknown_architecture_lists_valid_names():
-    with pytest.raises(ConfigError, match="'unett' is not registered. Valid names: centernet, prob_unet, unet"):
+    with pytest.raises(ConfigError, match="'unett' is not registered. Valid names: ") as err:
         registry.build("unett")
+    listed = str(err.value).split("Valid names: ")[1].rstrip(".").split(", ")
+    assert listed == registry.names() and {"unet", "prob_unet", "centernet"} <= set(listed)
 
 
 @pytest.mark.parametrize("key, value", [("norm", "layer"), ("depth", -1), ("upsample", "nearest"),
