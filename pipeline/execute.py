@@ -4,6 +4,7 @@ synchronous in-process mode for debugging. Both expose ``map_unordered(fn, args_
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import sys
@@ -112,17 +113,28 @@ class DaskExecutor:
             return
         import uuid
         last, held = {}, {}
-        for i, args in enumerate(args_list):
+
+        def submit(i):
             fut, chain = None, []
             for j, (kw, resources) in enumerate(steps):  # keys say the step (dashboard, task stream)
-                fut = self._submit(fn, *args, **kw, state=fut, resources=resources,
+                fut = self._submit(fn, *args_list[i], **kw, state=fut, resources=resources,
                                    key=f"{fn.__name__}-part{j}-{uuid.uuid4().hex}")
                 chain.append(fut)
             last[fut], held[fut] = i, chain
-        for fut in as_completed(list(last)):
-            yield last[fut], fut.result()
+            return fut
+
+        # the states passed between parts hold a tile's pixels: keep a bounded number of chains in flight
+        n_workers = len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
+        window = max(8, 4 * n_workers)
+        pending = iter(range(len(args_list)))
+        done = as_completed([submit(i) for i in itertools.islice(pending, window)])
+        for fut in done:
+            yield last.pop(fut), fut.result()
             for f in held.pop(fut):
                 f.release()
+            nxt = next(pending, None)
+            if nxt is not None:
+                done.add(submit(nxt))
 
 
 def _worker_env():

@@ -223,6 +223,18 @@ def _plan(wf: Workflow, tasks, path: str, old: dict | None) -> dict:
     return {**plan, "action": "reprocessed", "reason": "changed: " + ", ".join(changed)}
 
 
+def _evaluate(wf: Workflow, path: str, store: str, rec: dict):
+    """Evaluate a finished store against the input's truth file, if the workflow names one."""
+    truth = wf.truth_path(path)
+    if truth and os.path.exists(truth):
+        from deepmosaic.pipeline.evaluate import evaluate_store
+        summary = evaluate_store(store, truth)
+        rec["evaluation"] = {s: {k: v.get(k) for k in ("completeness", "purity", "f1") if k in v}
+                             for s, v in summary.items() if not s.startswith("_")}
+    elif truth:
+        rec["evaluation"] = f"no truth file {truth}"
+
+
 def _process(wf: Workflow, tasks, plan: dict, ex, index: dict) -> dict:
     from deepmosaic.pipeline.io import open_mosaic
     from deepmosaic.pipeline.runner import run_pipeline
@@ -238,6 +250,8 @@ def _process(wf: Workflow, tasks, plan: dict, ex, index: dict) -> dict:
                    seconds=old.get("seconds", 0.0), started=old.get("started"))
         if "evaluation" in old:
             rec["evaluation"] = old["evaluation"]
+        else:  # e.g. a night stopped between the last tile and the evaluation
+            _evaluate(wf, path, store, rec)
         if not rec["tiles"]:  # an index lost or made elsewhere: read the counts from the store
             from deepmosaic.pipeline.store import open_store
             meta = dict(open_store(store).attrs.get("deepmosaic", {}))
@@ -268,14 +282,7 @@ def _process(wf: Workflow, tasks, plan: dict, ex, index: dict) -> dict:
             rec.update(status="failed", error=f"{len(res.failures)} tile(s) failed, first: {res.failures[0]}")
         else:
             rec["status"] = "done"
-            truth = wf.truth_path(path)
-            if truth and os.path.exists(truth):
-                from deepmosaic.pipeline.evaluate import evaluate_store
-                summary = evaluate_store(store, truth)
-                rec["evaluation"] = {s: {k: v.get(k) for k in ("completeness", "purity", "f1") if k in v}
-                                     for s, v in summary.items() if not s.startswith("_")}
-            elif truth:
-                rec["evaluation"] = f"no truth file {truth}"
+            _evaluate(wf, path, store, rec)
     except KeyboardInterrupt:
         rec.update(status="interrupted", seconds=round(time.perf_counter() - t0, 3))
         write_index(wf.index_path, index)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 
 def cmd_workflow_validate(a) -> int:
@@ -18,16 +19,23 @@ def cmd_workflow_validate(a) -> int:
     return 0
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_workflow_run(a) -> int:
     from .nightly import run_workflow
     from .spec import load_workflow
     wf = load_workflow(a.file)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # cron/batch time limits: stop like Ctrl-C
     try:
         result = run_workflow(wf)
     except KeyboardInterrupt:
         print(f"interrupted; the run index {wf.index_path} says where each input stopped. Run the same "
               f"command again to resume tile by tile.")
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(result.summary())
     return 1 if result.failed else 0
 
