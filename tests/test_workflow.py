@@ -195,3 +195,24 @@ def test_interrupted_night_resumes_tile_by_tile(tmp_path, inputs):
                                 path=str(tmp_path / "ref.yaml")))
     _same_store(str(tmp_path / "out" / "m2.zarr"), str(ref / "m2.zarr"))
     assert json.load(open(wf.index_path))["inputs"][str(tmp_path / "incoming" / "m2.fits")]["status"] == "done"
+
+
+def test_new_weights_at_the_same_path_change_only_the_weights_part(tmp_path):
+    """Retrained weights shipped under the same name: the run key changes through the weights checksum
+    alone, so the night says `changed: weights` (the model is never loaded to know it)."""
+    import shutil
+    from deepmosaic.models.weights_io import shipped
+    from deepmosaic.workflows.api import build_tasks
+    from deepmosaic.workflows.nightly import _changed, key_parts, run_key
+    base = shipped("clumps")
+    for ext in (".safetensors", ".json"):
+        shutil.copy(str(base) + ext, tmp_path / f"clumps{ext}")
+    wf = parse_workflow({"inputs": ["x.fits"], "output": "out", "stages": {"sep": {}, "clumps": {
+        "weights": str(tmp_path / "clumps")}}}, path=str(tmp_path / "wf.yaml"))
+    before = key_parts(wf, build_tasks(wf.stages, wf.params), "0" * 64)
+    card = json.loads((tmp_path / "clumps.json").read_text())
+    card["weights"]["sha256"] = "f" * 64  # what a retrained file's card would say
+    (tmp_path / "clumps.json").write_text(json.dumps(card))
+    after = key_parts(wf, build_tasks(wf.stages, wf.params), "0" * 64)
+    assert _changed(before, after) == ["weights"]
+    assert run_key(before) != run_key(after)
