@@ -216,3 +216,19 @@ def test_new_weights_at_the_same_path_change_only_the_weights_part(tmp_path):
     after = key_parts(wf, build_tasks(wf.stages, wf.params), "0" * 64)
     assert _changed(before, after) == ["weights"]
     assert run_key(before) != run_key(after)
+
+
+def test_two_runs_on_one_output_are_refused(tmp_path):
+    """A night that overlaps the previous one on the same output stops at once, naming the other run."""
+    import fcntl
+    from deepmosaic.pipeline.errors import StoreError
+    from deepmosaic.workflows.nightly import LOCK_NAME
+    wf = _workflow(tmp_path)
+    os.makedirs(wf.output)
+    with open(os.path.join(wf.output, LOCK_NAME), "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("pid 12345 since last night\n")
+        other.flush()
+        with pytest.raises(StoreError, match="another workflow run.*pid 12345"):
+            run_workflow(wf)
+    assert not os.path.exists(wf.index_path)

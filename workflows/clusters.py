@@ -52,7 +52,8 @@ def _is_loopback(address: str) -> bool:
 
 def _warn_open_dashboard(spec: ClusterSpec):
     addr = spec.dashboard_address
-    if addr and not _is_loopback(addr if ":" in addr and not addr.startswith(":") else "0.0.0.0" + addr):
+    host = addr.rsplit(":", 1)[0] if addr and ":" in addr else ""  # ":8787" or "8787": every interface
+    if addr and not (host and _is_loopback(host)):
         log.warning("the dashboard listens on %s, reachable from other machines (cluster.dashboard)", addr)
 
 
@@ -142,7 +143,7 @@ def jobqueue_kwargs(spec: ClusterSpec, output: str, secrets: str | None) -> dict
               local_directory=inside(output, spec.local_directory, "cluster.local_directory"),
               log_directory=inside(output, spec.log_directory, "cluster.log_directory"),
               python=spec.python or sys.executable, interface=spec.interface,
-              scheduler_options={"dashboard_address": spec.dashboard_address or ":0"} if spec.dashboard_address
+              scheduler_options={"dashboard_address": spec.dashboard_address} if spec.dashboard_address
               else {"dashboard": False},
               job_name="deepmosaic")
     if spec.account:

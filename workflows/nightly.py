@@ -18,6 +18,7 @@ leaves it current.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -27,13 +28,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from deepmosaic.pipeline.errors import DeepmosaicError
+from deepmosaic.pipeline.errors import DeepmosaicError, StoreError
 
 from .spec import Workflow, store_name
 
 log = logging.getLogger("deepmosaic")
 
 INDEX_FORMAT = 1
+LOCK_NAME = ".workflow.lock"
 
 
 def _now() -> str:
@@ -157,10 +159,36 @@ def run_workflow(wf: Workflow, executor=None) -> NightResult:
 
     executor : an executor to use instead of opening the workflow's cluster (tests, notebooks)
     """
-    from deepmosaic.workflows.api import build_tasks
-    from deepmosaic.workflows.clusters import open_executor
     t0 = time.perf_counter()
     os.makedirs(wf.output, exist_ok=True)
+    with _exclusive(wf.output):
+        return _run_locked(wf, executor, t0)
+
+
+@contextlib.contextmanager
+def _exclusive(output: str):
+    """One workflow run per output location at a time (a cron night that overlaps the previous one)."""
+    import fcntl
+    fh = open(os.path.join(output, LOCK_NAME), "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise StoreError(f"{output}: another workflow run is using this output location "
+                             f"({fh.read().strip() or 'pid unknown'}); wait for it to finish.") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} since {_now()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # releases the lock (so does the process's death)
+
+
+def _run_locked(wf: Workflow, executor, t0) -> NightResult:
+    from deepmosaic.workflows.api import build_tasks
+    from deepmosaic.workflows.clusters import open_executor
     index = read_index(wf.index_path)
     tasks = build_tasks(wf.stages, wf.params)
     result = NightResult(index_path=wf.index_path)

@@ -72,7 +72,7 @@ class ClusterSpec:
                 self.processes, f"a divisor of cores={self.cores} (1 or more).")
         require(self.kind not in ("slurm", "sge") or self.gpus <= 1, w, "gpus", self.gpus,
                 "0 or 1 per job on a batch cluster (one worker process per GPU): scale with `jobs`.")
-        require(self.gpus == 0 or self.kind != "slurm" or self.processes == 1, w, "processes", self.processes,
+        require(self.gpus == 0 or self.kind == "local" or self.processes == 1, w, "processes", self.processes,
                 "1 when gpus=1 (one process per GPU).")
         require((self.adapt_min is None) == (self.adapt_max is None), w, "adapt_max", self.adapt_max,
                 "give both adapt_min and adapt_max, or neither.")
