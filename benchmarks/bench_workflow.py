@@ -32,7 +32,7 @@ def _night(folder, cluster, stages=None, out="out"):
 
 def _row(label, seconds, res):
     acts = ", ".join(f"{res.count(a)} {a}" for a in ("new", "up to date", "reprocessed", "resumed") if res.count(a))
-    print(f"| {label} | {seconds:.1f} | {res.recomputed_tiles} | {acts}; {len(res.failed)} failed |", flush=True)
+    print(f"| {label} | {seconds:.2f} | {res.recomputed_tiles} | {acts}; {len(res.failed)} failed |", flush=True)
 
 
 def main():
