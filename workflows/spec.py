@@ -7,7 +7,6 @@ writes (stores, run index, worker and log folders) lies inside the output locati
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 import re
@@ -296,8 +295,3 @@ def load_workflow(path: str, overrides: dict | None = None) -> Workflow:
     data.update(overrides or {})
     return parse_workflow(data, path=os.path.abspath(path))
 
-
-def with_cluster(wf: Workflow, **changes) -> Workflow:
-    """A copy of ``wf`` with cluster settings changed (validated)."""
-    merged = {**{f.name: getattr(wf.cluster, f.name) for f in dataclasses.fields(ClusterSpec)}, **changes}
-    return dataclasses.replace(wf, cluster=from_mapping(ClusterSpec, merged, where="cluster"))
