@@ -132,14 +132,16 @@ class DetectConfig:
     stage_name = "detect"
     weights: str | None = field(None, "Weights file (NAME, NAME.safetensors or NAME.json with its model card); "
                                       "None: the shipped default models/weights/detect.")
-    threshold: float = field(0.3, "Minimum objectness score of a peak (declared before evaluation; see the "
-                                  "README's detect section).")
+    threshold: float = field(0.4, "Minimum objectness score of a peak (chosen on development fields before the "
+                                  "held-out benchmark; see the README's detect section).")
     saddle: float = field(0.9, "Merge two peaks when the heatmap's minimum on the segment between them is >= "
                                "this fraction of the lower peak (1 disables merging).")
     batch_size: int = field(8, "Patches per forward call.")
     patch: int = field(512, "Largest patch core in px; a window is cut into the fewest patches of at most this "
                             "size, balanced, rounded up to the network's stride multiple.")
     device: str = field("auto", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    flip_average: bool = field(False, "Average the heatmap and class logits over the 8 flips/rotations of each "
+                                      "patch (8x the compute).")
     noise_tolerance: tuple[float, float] = field((0.8, 1.25), "Range of the tile's normalised noise "
                                                               "(expected 1) outside which NOISE_OUT_OF_RANGE is set.")
     min_psf_stars: int = field(3, "Compact bright objects needed to estimate the tile's PSF FWHM (fewer: no "
@@ -183,12 +185,17 @@ def patch_layout(shape, origin, stride: int, patch: int) -> tuple[int, int, int,
 
 
 def forward_patches(model, x: np.ndarray, origin, stride: int, halo: int, patch: int, batch_size: int,
-                    device: str) -> dict[str, np.ndarray]:
+                    device: str, flip_average: bool = False) -> dict[str, np.ndarray]:
     """All output heads of ``model`` over a normalised window ``x`` (float32 [H, W]) at mosaic ``origin``.
 
     Patch cores lie on a grid anchored at a multiple of ``stride`` in mosaic coordinates and each patch
     carries ``halo`` (a multiple of ``stride``) pixels of context, zeros outside the window. For a local
     network (eval-mode batch norm) the result does not depend on the window, the patch size or the batch.
+
+    ``flip_average``: the heatmap and class logits are averaged over the 8 flips/rotations of each patch
+    (8x the compute; the size and offset heads, whose components turn with the image, come from the
+    plain pass). Patch sides are multiples of ``stride`` and patches start on multiples of it, so a flipped
+    pixel's place in the pooling grid depends only on its mosaic position: still exact across tilings.
 
     Returns ``{head: float32 [C, H, W]}`` (raw outputs: logits for heatmap and class).
     """
@@ -209,6 +216,18 @@ def forward_patches(model, x: np.ndarray, origin, stride: int, halo: int, patch:
             batch = np.stack([big[sy:sy + py + 2 * halo, sx:sx + px + 2 * halo] for sy, sx in chunk])
             t = torch.from_numpy(batch[:, None]).to(device)
             res = model(t.contiguous(memory_format=torch.channels_last) if cl else t)
+            if flip_average:
+                for k, flip in [(k, f) for f in (False, True) for k in range(4)][1:]:
+                    u = torch.flip(t, dims=(3,)) if flip else t
+                    u = torch.rot90(u, k, dims=(2, 3)) if k else u
+                    r = model(u.contiguous(memory_format=torch.channels_last) if cl else u)
+                    for name in ("heatmap", "class"):
+                        if name in r:
+                            v = torch.rot90(r[name], -k, dims=(2, 3)) if k else r[name]
+                            res[name] = res[name] + (torch.flip(v, dims=(3,)) if flip else v)
+                for name in ("heatmap", "class"):
+                    if name in res:
+                        res[name] = res[name] / 8
             for name, t in res.items():
                 a = t[:, :, halo:halo + py, halo:halo + px].float().cpu().numpy()
                 if name not in out:
@@ -458,7 +477,7 @@ class DetectTask(Task):
         device = resolve_device(self.config.device)
         model = _get_model(info["base"], device)
         return forward_patches(model, x, origin, info["stride"], info["halo"], self.config.patch,
-                               self.config.batch_size, device)
+                               self.config.batch_size, device, self.config.flip_average)
 
     def run(self, tile: TileInput) -> TaskOutput:
         cfg = self.config

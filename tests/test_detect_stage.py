@@ -175,3 +175,12 @@ def test_seam_objects_detected_once_and_heatmap_seamless(seam_run):
     order = np.lexsort((cat["x"], cat["y"]))
     ref = np.lexsort((whole.catalog["x"], whole.catalog["y"]))
     np.testing.assert_allclose(cat["x"][order], whole.catalog["x"][ref], atol=1e-4)
+
+
+@pytest.mark.parametrize("flip_average", [False, True])
+def test_heads_do_not_depend_on_the_patch_layout(flip_average):
+    x = DetectTask.normalise(tile_input(scene(136, seed=7, objects=OBJECTS[:2])))
+    big = DetectTask({"patch": 512, "flip_average": flip_average}).heads(x, origin=(16, 24))
+    small = DetectTask({"patch": 40, "flip_average": flip_average, "batch_size": 3}).heads(x, origin=(16, 24))
+    for k in big:
+        assert np.abs(big[k] - small[k]).max() < 1e-4, k
