@@ -63,7 +63,9 @@ def make_field(folder: Path, size: int, seed: int, overrides: dict):
 def run_field(image, truth, store):
     from deepmosaic.pipeline.evaluate import evaluate_store
     from deepmosaic.workflows import run
-    res = run(str(image), str(store), stages="sep,detect", tile=512, workers=0, overwrite=True)
+    # the simulations' zeropoint (SimConfig's 30): the stage then also checks the noise level against training
+    res = run(str(image), str(store), stages="sep,detect", tile=512, workers=0, overwrite=True,
+              set=["detect.zeropoint=30"])
     if res.failures:
         raise RuntimeError(f"failed tiles: {res.failures}")
     return evaluate_store(str(store), str(truth))

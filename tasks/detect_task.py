@@ -51,6 +51,11 @@ tile the stage estimates (:func:`estimate_conditions`):
   ``noise_tolerance`` means the rms map does not describe the image's noise and detections are
   unreliable (too many or too few).
 
+* with ``zeropoint`` set: the tile's median rms in counts, converted to the training set's zeropoint, against
+  the training noise range (10% tolerance). The network sees the image in units of its noise, so this is
+  about the population: at a higher noise the same sky holds fainter, smaller-looking objects than in
+  training. Without a zeropoint (real data in physical units) this check is off.
+
 Out of range sets ``PSF_OUT_OF_RANGE`` / ``NOISE_OUT_OF_RANGE`` on every detection of the tile, a tile
 note and one log warning per process and kind. Unknown (too few stars): no flag.
 
@@ -69,7 +74,8 @@ bit   name                meaning
 1     APER_TRUNC          the flux ellipse crosses the window edge (flux is a lower bound)
 2     APER_HASMASKED      the flux ellipse holds masked pixels
 4     PSF_OUT_OF_RANGE    the tile's PSF FWHM is outside the network's training range
-8     NOISE_OUT_OF_RANGE  the tile's normalised noise is not ~1 (the rms map does not fit the image)
+8     NOISE_OUT_OF_RANGE  the tile's normalised noise is not ~1 (the rms map does not fit the image), or
+                          (with ``zeropoint``) its noise level is outside the training range
 16    MERGED_PEAKS        other heatmap peaks were merged into this one (saddle rule)
 32    SATURATED           a saturated core: the peaks around it were merged into one detection at its centre
 ====  ==================  ==========================================================================
@@ -144,6 +150,10 @@ class DetectConfig:
                                       "patch (8x the compute).")
     noise_tolerance: tuple[float, float] = field((0.8, 1.25), "Range of the tile's normalised noise "
                                                               "(expected 1) outside which NOISE_OUT_OF_RANGE is set.")
+    zeropoint: float | None = field(None, "Magnitude zeropoint of the input (mag = zp - 2.5 log10 counts): "
+                                          "when given, the tile's rms is compared with the training noise range "
+                                          "(the card's, at its zeropoint) too; None: only the normalised noise is "
+                                          "checked.")
     min_psf_stars: int = field(3, "Compact bright objects needed to estimate the tile's PSF FWHM (fewer: no "
                                   "PSF check).")
     saturation_reach: float = field(5.0, "Peaks within a saturated core's radius + this many px are merged into "
@@ -165,6 +175,8 @@ class DetectConfig:
         require(isinstance(tol, (tuple, list)) and len(tol) == 2 and 0 < tol[0] < 1 < tol[1], w,
                 "noise_tolerance", tol, "expected (lo, hi) with 0 < lo < 1 < hi, e.g. (0.8, 1.25).")
         require(self.min_psf_stars >= 1, w, "min_psf_stars", self.min_psf_stars, "must be >= 1.")
+        require(self.zeropoint is None or (isinstance(self.zeropoint, (int, float)) and -100 < self.zeropoint < 100),
+                w, "zeropoint", self.zeropoint, "a magnitude zeropoint, e.g. 30, or None.")
         require(0 <= self.saturation_reach <= 100, w, "saturation_reach", self.saturation_reach,
                 "must be in [0, 100] px, e.g. 5.")
 
@@ -453,7 +465,9 @@ class DetectTask(Task):
             self._net = {"base": base, "halo": int(net.aligned_halo()), "stride": int(net.stride_multiple),
                          "local": bool(net.local), "sha256": card.get("weights", {}).get("sha256"),
                          "class_head": bool(cfg.class_head),
-                         "psf_range_px": (fwhm[0] / scale, fwhm[1] / scale) if fwhm else None}
+                         "psf_range_px": (fwhm[0] / scale, fwhm[1] / scale) if fwhm else None,
+                         "noise_range": ((*ts["noise_sigma_range"], float(ts.get("zeropoint", 30.0)))
+                                         if ts.get("noise_sigma_range") else None)}
         return self._net
 
     @property
@@ -524,7 +538,7 @@ class DetectTask(Task):
             if (iy[k], ix[k]) in sat_pos:
                 yc[k], xc[k] = sat_pos[(iy[k], ix[k])]
                 flags[k] |= SATURATED
-        flags |= self._condition_flags(x, tile.mask, iy, ix, wid, notes)
+        flags |= self._condition_flags(x, tile.mask, iy, ix, wid, notes, tile.rms)
         if n == 0:
             res = self.empty_output(shape)
             res.maps["heatmap"] = heat
@@ -536,10 +550,20 @@ class DetectTask(Task):
                "class": cls, "class_prob": class_prob, "flux": flux, "flux_err": ferr, "flags": flags}
         return TaskOutput(maps={"heatmap": heat}, catalog=cat, notes=notes)
 
-    def _condition_flags(self, x, mask, iy, ix, wid, notes) -> int:
+    def _condition_flags(self, x, mask, iy, ix, wid, notes, rms=None) -> int:
         cfg = self.config
         cond = estimate_conditions(x, mask, iy, ix, wid, cfg.min_psf_stars)
         bits = 0
+        nrng = self.network_info()["noise_range"]
+        if cfg.zeropoint is not None and nrng and rms is not None and np.isfinite(rms).any():
+            # the tile's noise in counts at the training zeropoint (a fainter zeropoint = more noise per count)
+            level = float(np.nanmedian(rms)) * 10 ** (-0.4 * (cfg.zeropoint - nrng[2]))
+            if not 0.9 * nrng[0] <= level <= 1.1 * nrng[1]:
+                bits |= NOISE_OUT_OF_RANGE
+                msg = (f"noise {level:.3g} counts at zeropoint {nrng[2]:g} outside the training range "
+                       f"{nrng[0]:g}-{nrng[1]:g}: the objects' S/N distribution is not what the network saw")
+                notes.append(msg)
+                _warn_once("noise_level", msg)
         lo, hi = cfg.noise_tolerance
         if math.isfinite(cond["noise"]) and not lo <= cond["noise"] <= hi:
             bits |= NOISE_OUT_OF_RANGE

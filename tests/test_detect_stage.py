@@ -136,6 +136,11 @@ def test_out_of_range_psf_and_noise_are_flagged(caplog):
     wrong_rms = DetectTask().run(tile_input(scene(objects=objs, seed=5), rms=SIGMA / 2))
     assert (wrong_rms.catalog["flags"] & NOISE_OUT_OF_RANGE).all()
     assert any("noise" in n for n in wrong_rms.notes)
+    # the noise level against the training range (2-10 counts at zeropoint 30): only with a zeropoint
+    assert not (DetectTask({"zeropoint": 30.0}).run(tile_input(scene(objects=objs, seed=5))).catalog["flags"]
+                & NOISE_OUT_OF_RANGE).any()
+    assert (DetectTask({"zeropoint": 28.0}).run(tile_input(scene(objects=objs, seed=5))).catalog["flags"]
+            & NOISE_OUT_OF_RANGE).all()       # 5 counts at zp 28 = 31.5 counts at zp 30
 
 
 @pytest.fixture(scope="module")
