@@ -14,7 +14,7 @@ Throughput: a ``--size`` x ``--size`` field (the held-out mosaic's pixels repeat
 with the stage's halo, as the runner does; the stage's ``run`` per tile (normalisation, patches with their
 network halo, forward, sep on the probability map, catalog; no I/O) against the same network's forward
 pass over the same pixels cut into bare ``--tile`` blocks, batched by the stage's ``batch_size``, in the same
-process. Mpix/s counts core pixels for both.
+process, each the best of ``--repeats`` timings. Mpix/s counts core pixels for both.
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def accuracy(a, tmp: str):
     sim, img, truth = simulate(os.path.join(tmp, "heldout.fits"), a.eval_size, a.seed, a.clumps)
     store = os.path.join(tmp, "heldout.zarr")
     sets = [f"clumps.threshold={a.threshold}"] if a.threshold is not None else []
+    sets += [f"clumps.weights={a.weights}"] if a.weights else []
     t0 = time.perf_counter()
     run(str(img), store, stages="sep,clumps,clumps_sep", tile=a.eval_tile, workers=0, overwrite=True, set=sets)
     print(f"pipeline (sep, clumps, clumps_sep; tile {a.eval_tile}, synchronous): {time.perf_counter() - t0:.0f} s")
@@ -87,10 +88,15 @@ def throughput(a, sim):
     # warm-up (model load, first-call allocations) on a small window, not timed
     task.probability(field[:256, :256] / sigma, (0, 0))
 
-    t_stage = 0.0
+    x = torch.from_numpy(field / sigma)
+    t_stage = t_bare = 0.0
     n_obj = 0
-    for y0 in range(0, n, T):
-        for x0 in range(0, n, T):
+    cores = [(y0, x0) for y0 in range(0, n, T) for x0 in range(0, n, T)]
+    # interleaved: a group of batch_size tiles through the stage, then the same cores as one bare batch, so
+    # that a shared machine's changing load hits both alike; each timed --repeats times, the best kept
+    for g0 in range(0, len(cores), a.batch_size):
+        group = cores[g0:g0 + a.batch_size]
+        for y0, x0 in group:
             wy0, wx0 = max(0, y0 - h), max(0, x0 - h)
             wy1, wx1 = min(n, y0 + T + h), min(n, x0 + T + h)
             win = (slice(wy0, wy1), slice(wx0, wx1))
@@ -99,26 +105,63 @@ def throughput(a, sim):
                              global_rms=sigma, mask=np.zeros(shape, bool), variance=None, origin=(wy0, wx0),
                              core=(slice(y0 - wy0, min(n, y0 + T) - wy0), slice(x0 - wx0, min(n, x0 + T) - wx0)),
                              at_mosaic_edge=(wy0 == 0, wy1 == n, wx0 == 0, wx1 == n))
-            t0 = time.perf_counter()
-            out = task.run(tile)
-            t_stage += time.perf_counter() - t0
+            best = float("inf")
+            for _ in range(a.repeats):
+                t0 = time.perf_counter()
+                out = task.run(tile)
+                best = min(best, time.perf_counter() - t0)
+            t_stage += best
             n_obj += len(out.catalog["x"])
-
-    x = torch.from_numpy(field / sigma)
-    blocks = [(y0, x0) for y0 in range(0, n, T) for x0 in range(0, n, T)]
-    t_bare = 0.0
-    with torch.inference_mode():
-        for b0 in range(0, len(blocks), a.batch_size):
-            chunk = blocks[b0:b0 + a.batch_size]
-            batch = torch.stack([x[y0:y0 + T, x0:x0 + T] for y0, x0 in chunk])[:, None].to(device)
-            t0 = time.perf_counter()
-            p = torch.sigmoid(model(batch).float()).cpu()
-            t_bare += time.perf_counter() - t0
-            del p
+        with torch.inference_mode():
+            batch = torch.stack([x[y0:y0 + T, x0:x0 + T] for y0, x0 in group])[:, None].to(device)
+            best = float("inf")
+            for _ in range(a.repeats):
+                t0 = time.perf_counter()
+                p = torch.sigmoid(model(batch).float()).cpu()
+                best = min(best, time.perf_counter() - t0)
+                del p
+            t_bare += best
     mpix = n * n / 1e6
     print(f"  bare batched forward : {mpix / t_bare:8.3f} Mpix/s  ({t_bare:.1f} s)")
     print(f"  clumps stage (run)   : {mpix / t_stage:8.3f} Mpix/s  ({t_stage:.1f} s, {n_obj} blobs incl. halo)")
     print(f"  stage / bare         : {t_bare / t_stage:8.3f}  (target >= 0.85)")
+
+
+def choose_threshold(a):
+    """Sweep the probability threshold on the training recipe's validation canvases (never the held-out mosaic)."""
+    import torch
+    from deepmosaic.models.train import RECIPES
+    from deepmosaic.models.weights_io import load_model, read_card, shipped
+    base = a.weights or shipped("clumps")
+    card = read_card(base)
+    recipe = RECIPES["clumps"](card["training_set"]["config"])
+    model = load_model(base).eval()
+    batch = recipe.batch("val", int(card.get("seed", 0)), a.val_size)
+    with torch.inference_mode():
+        prob = torch.sigmoid(model(torch.from_numpy(batch["image"]))).numpy()
+    print(f"threshold sweep on {a.val_size} validation canvases ({base}):")
+    best = None
+    for thr in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        recipe.threshold = thr
+        r = recipe.evaluate(_Fixed(prob), batch)
+        print(f"  {thr:.1f}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
+        if best is None or r["f1"] > best[1]:
+            best = (thr, r["f1"])
+    print(f"best F1 (S/N >= {recipe.score_snr:g}) at threshold {best[0]}")
+
+
+class _Fixed:
+    """Stands in for the network: returns the logits of precomputed probabilities."""
+
+    def __init__(self, prob):
+        import torch
+        self.logits = torch.logit(torch.from_numpy(prob).clamp(1e-6, 1 - 1e-6))
+        self.i = 0
+
+    def __call__(self, x):
+        out = self.logits[self.i:self.i + len(x)]
+        self.i += len(x)
+        return out
 
 
 def main():
@@ -132,9 +175,19 @@ def main():
     p.add_argument("--tile", type=int, default=2048, help="throughput tile core (px)")
     p.add_argument("--patch", type=int, default=2112, help="clumps.patch: >= tile + 2 margin keeps one patch per tile")
     p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="time each tile / bare batch this often, keep the best "
+                                                         "(a shared machine's load only ever slows a run down)")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--choose-threshold", action="store_true",
+                   help="only sweep the threshold on the training recipe's validation canvases")
+    p.add_argument("--weights", default=None, help="clumps weights (default: the shipped ones)")
+    p.add_argument("--val-size", type=int, default=192)
     a = p.parse_args()
+    if a.choose_threshold:
+        return choose_threshold(a)
+    if a.size % a.tile:
+        p.error(f"--size {a.size} must be a multiple of --tile {a.tile} (the bare forward batches equal blocks)")
     with tempfile.TemporaryDirectory(prefix="bench_clumps_") as tmp:
         sim = None if a.skip_eval else accuracy(a, tmp)
         if not a.skip_throughput:

@@ -143,15 +143,14 @@ class ClumpRecipe(Recipe):
         logits = model(x)
         return losses.bce(logits, y) + losses.soft_dice(logits, y)
 
-    @classmethod
-    def blobs(cls, prob: np.ndarray) -> np.ndarray:
+    def blobs(self, prob: np.ndarray) -> np.ndarray:
         """Centroids ``(y, x)`` of the connected components above ``threshold`` with >= ``minarea`` px."""
         from scipy import ndimage
-        lab, n = ndimage.label(prob > cls.threshold, structure=np.ones((3, 3)))
+        lab, n = ndimage.label(prob > self.threshold, structure=np.ones((3, 3)))
         if n == 0:
             return np.zeros((0, 2))
         idx = np.arange(1, n + 1)
-        big = idx[ndimage.sum_labels(np.ones_like(prob), lab, idx) >= cls.minarea]
+        big = idx[ndimage.sum_labels(np.ones_like(prob), lab, idx) >= self.minarea]
         return np.array(ndimage.center_of_mass(prob, lab, big)).reshape(-1, 2)
 
     @torch.no_grad()

@@ -21,6 +21,9 @@ Predictions carry no magnitude or S/N of their own, so for the purity curves the
 and ``snr = flux / flux_err``. The latter is an aperture S/N, not the truth's matched-filter S/N: compare
 purity-vs-S/N curves between stages, not with the completeness-vs-S/N curve.
 
+The clump stages (``clumps``, ``clumps_sep``) are not galaxies: they are scored against the truth's CLUMPS
+table by :mod:`deepmosaic.pipeline.eval_clumps` (``reports_clumps/``, ``summary["_clumps"]``), never here.
+
 The ``*_snr10`` summary keys restrict the evaluation to true objects with S/N >= 10 (simulated fields hold
 many objects below any detection limit). The matching is the one over all objects; predictions matched to
 a true object with S/N < 10 are neither true nor false positives there (they found something real), every

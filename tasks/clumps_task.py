@@ -8,25 +8,28 @@ compared on identical tiles:
        ``image / noise_sigma`` with no sky): ``(image - background) / rms`` with the pipeline's global
        background model; masked pixels (and pixels with a non-positive or non-finite rms) are set to 0,
        i.e. to the sky level.
-    2. The window is cut into patches of ``patch`` x ``patch`` core pixels plus the network's aligned halo on
-       every side (outside the window: zeros = sky), ``batch_size`` patches per forward call, optionally
-       averaged over the 8 flips/rotations of the square (``flip_average``), and only each patch's core is
-       kept. Patch cores sit on a grid anchored at multiples of the network's ``stride_multiple`` in
-       *mosaic* coordinates and the halo is a multiple of it too, so every pixel sees exactly the same
-       input and arithmetic whatever the tile size, window or patch size (the U-Net is local with
-       ``norm='batch'`` in eval mode): the probability map is seamless across patches and tiles.
+    2. Only the tile core plus ``margin`` px is computed (a clump blob whose centroid is in the core lies
+       within it; the stage's halo is the network's aligned halo plus that margin). That region, from its
+       start rounded down to a multiple of the network's ``stride_multiple`` in *mosaic* coordinates, is cut
+       into the fewest equal patches of at most ``patch`` px (stride multiples), each fed with the
+       network's aligned halo of context on every side (outside the window: zeros = sky), ``batch_size``
+       patches per forward call, optionally averaged over the 8 flips/rotations of the square
+       (``flip_average``). Because patch starts and the halo are stride multiples, every pixel sees exactly
+       the same input and arithmetic whatever the tile size, window or patch size (the U-Net is local with
+       ``norm='batch'`` in eval mode): the probability map is seamless across patches and tiles. Large
+       patches waste less on halos: a 1024 px tile computes (1040 + 112)^2 px for 1024^2, a 2048 px tile
+       (2064 + 112)^2 for 2048^2.
     3. Clumps are extracted from the probability map with sep (``thresh=threshold`` absolute, no error
        map, no filter, ``minarea``; deblending off by default: the training targets are discs of radius
-       2.5 px kept >= 6 px apart, so neighbouring clumps stay separate at 0.5). Local maxima of the map are
+       2 px around clumps kept >= 5 px apart, so neighbouring clumps stay separate blobs). Local maxima of the map are
        not used: flat-topped blobs have many spurious peaks (FIELD.md: purity ~0.6).
 
-    Known limitation of the shipped weights (measured, CPU): the network was trained on 64 x 64 stamps only,
-    and its receptive field (~100 px) reaches the stamp border, so it has learned to lean on the border. On
-    its own validation stamps it reaches completeness 0.77 / purity 0.92 when run on the bare stamp, but
-    purity 0.74 when the same stamps sit inside a larger noise field, as in a mosaic (same completeness;
-    thresholds up to 0.97 do not recover it). The extra detections are confident (p ~0.8-1) bumps near the
-    host's centre or on its noisy outskirts. Training on larger canvases should fix it; the tiling here is
-    exact (the tiled map equals one untiled pass), so it is the network, not the stitching.
+    The shipped weights were first trained on 64 x 64 single-galaxy stamps, where the network (receptive
+    field ~100 px) learned to lean on the stamp border: inside a larger noise field its purity dropped from
+    0.92 to 0.74. They are now fine-tuned on 128 x 128 *canvases* (``ClumpSetConfig(layout='canvas')``, the
+    ClumpRecipe's default: 0-3 hosts anywhere and cut by the edges, empty sky, close clump pairs, clumps on
+    bulges, stars and compact galaxies as decoys); see the model card and the README's clumps section for
+    the held-out figures.
 
 ``clumps_sep`` (:class:`ClumpsSepTask`, the classical baseline)
     sep on the background-subtracted image with fine deblending (``deblend_nthresh=64``,
@@ -220,9 +223,8 @@ def host_rows(tile: TileInput, x, y, stage: str = "sep", name: str = "segmentati
 
 
 def _blob_stats(labels, n, values):
-    """Per-label sums over a label map (labels 1..n): ``np.bincount`` with weights."""
-    flat = labels.ravel()
-    return np.bincount(flat, weights=values.ravel(), minlength=n + 1)[1:n + 1]
+    """Per-label sums of ``values`` (labels 1..n, same shape): ``np.bincount`` with weights."""
+    return np.bincount(np.ravel(labels), weights=np.ravel(values), minlength=n + 1)[1:n + 1]
 
 
 # ------------------------------------------------------------------------------------------------- clumps
@@ -234,8 +236,10 @@ class ClumpsConfig:
     stage_name = "clumps"
     weights: str | None = field(None, "Weights file (NAME, NAME.safetensors or NAME.json with its model card); "
                                       "None: the shipped default models/weights/clumps.")
-    threshold: float = field(0.5, "Probability threshold: sep extracts clumps from the probability map above "
-                                  "it (absolute threshold, no filter).")
+    threshold: float = field(0.8, "Probability threshold: sep extracts clumps from the probability map above "
+                                  "it (absolute threshold, no filter). 0.8: the best F1 on the shipped weights' "
+                                  "validation canvases (their card, extra.threshold), fixed before any held-out "
+                                  "evaluation.")
     minarea: int = field(3, "Minimum pixels above threshold for a clump.")
     deblend_cont: float = field(1.0, "sep deblend_cont on the probability map (1.0: no deblending; blobs of "
                                      "neighbouring clumps are kept apart by the training targets).")
@@ -445,14 +449,18 @@ class ClumpsTask(Task):
             out.maps["probability"] = prob
             out.notes = notes
             return out
-        yy, xx = np.indices(shape)
-        w = _blob_stats(seg, n, prob)
-        x = _blob_stats(seg, n, prob * xx) / w
-        y = _blob_stats(seg, n, prob * yy) / w
-        npix = np.bincount(seg.ravel(), minlength=n + 1)[1:n + 1].astype(np.int64)
-        flux = _blob_stats(seg, n, data.astype(np.float64))
-        from scipy import ndimage
-        peak = np.asarray(ndimage.maximum(prob, seg, index=np.arange(1, n + 1)), np.float64)
+        # per-blob sums over the blob pixels only (a few % of the window)
+        yy, xx = np.nonzero(seg)
+        lab = seg[yy, xx]
+        pv = prob[yy, xx].astype(np.float64)
+        w = _blob_stats(lab, n, pv)
+        x = _blob_stats(lab, n, pv * xx) / w
+        y = _blob_stats(lab, n, pv * yy) / w
+        npix = np.bincount(lab, minlength=n + 1)[1:n + 1].astype(np.int64)
+        flux = _blob_stats(lab, n, data[yy, xx].astype(np.float64))
+        peak = np.zeros(n + 1)
+        np.maximum.at(peak, lab, pv)
+        peak = peak[1:]
         flags = objs["flag"].astype(np.int64) | extra
         level, lflags = local_level(data, tile.mask, x, y, *cfg.local_annulus, exclude=seg)
         flags |= lflags
