@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from deepmosaic.pipeline.config import field, from_mapping, require, to_dict
 
