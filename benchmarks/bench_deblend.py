@@ -2,7 +2,8 @@
 the uncertainty's reliability, and the stage's cost on a large field.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_deblend.py [--n 400] [--size 8192]
-        [--weights models/weights/deblend] [--no-field] [--no-hst]
+        [--weights models/weights/deblend] [--no-field] [--no-hst] [--no-stage] [--flips] [--set PARAM=VALUE]
+    .venv/bin/python benchmarks/bench_deblend.py --calibrate    # fit the uncertainty calibration (val split)
 
 Blend sets (built reproducibly; none of them is ever used in training):
 
@@ -155,6 +156,7 @@ def run_network(batch: dict, model, task, n_samples: int = 8, flips: bool = Fals
     x = torch.from_numpy(DeblendRecipe.stamp_inputs(batch["image"], batch["peaks"]))
     t0 = time.perf_counter()
     masks, prob, unc = DeblendRecipe.predict(model, x, n_samples=n_samples, flips=flips)
+    unc = task.calibrate(unc)          # as the stage does (identity without a calibration in the card)
     seconds = time.perf_counter() - t0
     truth = batch["masks"] > 0.5
     iou = np.stack([stamp_iou(truth[:, k], masks[:, k]) for k in range(2)], axis=1)
@@ -251,6 +253,52 @@ def print_tables(rows, rel):
             print(f"| [{lo:.2f}, {hi:.2f}) | {npx} | {mu:.3f} | {err:.3f} |")
 
 
+# ------------------------------------------------------------------------------------------------ calibration
+
+CAL_EDGES = (0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
+
+
+def calibrate(weights: str, n: int = 384, min_pixels: int = 50) -> dict:
+    """Fit the uncertainty calibration on the *validation* split (seed 0, as in training; the benchmark sets
+    use the test split) and write it into the model card as ``extra.uncertainty_calibration``: per bin of the
+    raw error probability, the mean raw value and the observed pixel error rate (bins of >= ``min_pixels``
+    px, made non-decreasing), anchored at (0, 0) and (1, last); the stage interpolates linearly."""
+    import json
+
+    import torch
+
+    from deepmosaic.models.train import RECIPES, DeblendRecipe
+    from deepmosaic.models.weights_io import _base, _with, load_model
+    recipe = RECIPES["deblend"](None)
+    model = load_model(weights)
+    batch = recipe.batch("val", 0, n)
+    x, _ = recipe.inputs_targets(batch)
+    masks, _, unc = DeblendRecipe.predict(model, torch.as_tensor(x), n_samples=8)
+    truth = batch["masks"] > 0.5
+    lab_t = np.where(truth[:, 0], 1, np.where(truth[:, 1], 2, 0))
+    lab_p = np.where(masks[:, 0], 1, np.where(masks[:, 1], 2, 0))
+    wrong, u = (lab_t != lab_p).ravel(), unc.ravel()
+    edges = np.asarray(CAL_EDGES, float)
+    idx = np.clip(np.searchsorted(edges, u, side="right") - 1, 0, len(edges) - 2)
+    cnt = np.bincount(idx, minlength=len(edges) - 1)
+    mean_u = np.bincount(idx, weights=u, minlength=len(edges) - 1) / np.maximum(cnt, 1)
+    rate = np.bincount(idx, weights=wrong, minlength=len(edges) - 1) / np.maximum(cnt, 1)
+    ok = cnt >= min_pixels
+    raw = np.concatenate([[0.0], mean_u[ok], [1.0]])
+    cal = np.maximum.accumulate(rate[ok])
+    cal = np.concatenate([[0.0], cal, [max(cal[-1], raw[-2])]])
+    out = {"raw": [round(float(a), 6) for a in raw], "calibrated": [round(float(b), 6) for b in cal],
+           "fit": f"observed pixel error rate per bin of the raw error probability (8 prior draws) on {n} 'val' "
+                  f"stamps (seed 0), bins with >= {min_pixels} px, made non-decreasing; applied by linear "
+                  f"interpolation"}
+    path = _with(_base(weights), ".json")
+    card = json.loads(path.read_text())
+    card["extra"]["uncertainty_calibration"] = out
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    print(f"calibration written into {path}: raw {out['raw']} -> {out['calibrated']}")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ field
 
 def field_benchmark(size: int, tile: int, weights: str | None, settings=()):
@@ -311,6 +359,8 @@ def main(argv=None):
     ap.add_argument("--tile", type=int, default=1024, help="tile core size of the field run")
     ap.add_argument("--no-field", action="store_true", help="skip the field run")
     ap.add_argument("--no-hst", action="store_true", help="skip the real-galaxy set")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="fit the uncertainty calibration on the validation split, write it into the card, stop")
     ap.add_argument("--flips", action="store_true", help="also the network with 8-flip averaging (8x slower)")
     ap.add_argument("--no-stage", action="store_true", help="network only (no sep / stage rows)")
     ap.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE",
@@ -321,6 +371,9 @@ def main(argv=None):
     from deepmosaic.models.weights_io import load_model, shipped
     from deepmosaic.tasks.deblend_task import DeblendTask
     weights = args.weights or str(shipped("deblend"))
+    if args.calibrate:
+        calibrate(weights)
+        return
     model = load_model(weights)
     overrides = dict(a.split("=", 1) for a in args.set)   # strings: the config coerces them
     task = DeblendTask({"device": "cpu", "weights": weights, **overrides})

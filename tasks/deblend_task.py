@@ -22,7 +22,8 @@ What it does on one tile window
    ``skipped``).
 5. **Uncertainty**: per pixel, the probability that the pixel's label (sky, or which member) is wrong,
    averaged over ``n_samples`` latent draws of the probabilistic U-Net's prior
-   (:meth:`~deepmosaic.models.train.DeblendRecipe.error_probability`); 0 outside deblended stamps. The draws
+   (:meth:`~deepmosaic.models.train.DeblendRecipe.error_probability`), mapped through the calibration stored
+   in the model card when it has one (:meth:`DeblendTask.calibrate`); 0 outside deblended stamps. The draws
    of a stamp are seeded by its centre in mosaic pixels, so the two tiles that see a blend straddling a seam
    compute the same values.
 6. **Fluxes** of members: the background-subtracted image shared between the members in proportion to their
@@ -290,6 +291,7 @@ class DeblendTask(Task):
     def __init__(self, config=None):
         super().__init__(config)
         self._sha = None
+        self._calibration = None   # (raw, calibrated) lists from the card, or () without one
 
     def weights_base(self) -> str:
         from deepmosaic.models.weights_io import _base, shipped
@@ -306,7 +308,18 @@ class DeblendTask(Task):
                                    f"channels (image, central and companion peaks) and 2 outputs, the card has "
                                    f"{cfg.get('in_channels')} -> {cfg.get('out_channels')}.")
             self._sha = card.get("weights", {}).get("sha256") or ""
+            cal = card.get("extra", {}).get("uncertainty_calibration")
+            self._calibration = (list(cal["raw"]), list(cal["calibrated"])) if cal else ()
         return self._sha
+
+    def calibrate(self, err: np.ndarray) -> np.ndarray:
+        """The raw error probability mapped through the card's ``uncertainty_calibration`` (fitted on the
+        validation split: observed error rate per bin of raw value, non-decreasing), unchanged without one."""
+        self.network_sha256()
+        if not self._calibration:
+            return err
+        raw, cal = self._calibration
+        return np.interp(err, raw, cal).astype(np.float32)
 
     def fingerprint(self) -> dict:
         fp = super().fingerprint()
@@ -440,7 +453,7 @@ class DeblendTask(Task):
                         p[k, oy_:oy_ + s, ox_:ox_ + s] = prob[i, 0]
                         sp[:, k, oy_:oy_ + s, ox_:ox_ + s] = samples[:, i, 0]
                 masks = DeblendRecipe.masks_from_probs(p)
-                err = DeblendRecipe.error_probability(sp[:, None], masks[None])[0]
+                err = self.calibrate(DeblendRecipe.error_probability(sp[:, None], masks[None])[0])
                 self._paste(rows, masks, p, err, (fy0, fx0), seg, data, rms2, new_seg, parent, unc,
                             x, y, flux, flux_err, npix, flags)
 

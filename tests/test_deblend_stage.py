@@ -199,3 +199,16 @@ def test_secondary_peak_inside_one_sep_footprint_becomes_a_member():
     # switched off, the footprint passes through
     _, off = run_stages(image, find_peaks=False)
     assert np.array_equal(off.maps["segmentation"], sep_out.maps["segmentation"])
+
+
+def test_uncertainty_goes_through_the_cards_calibration():
+    task = DeblendTask({"device": "cpu"})
+    task.network_sha256()
+    raw = np.array([0.0, 0.01, 0.3, 1.0], np.float32)
+    if task._calibration:   # the shipped card carries one: a non-decreasing map of [0, 1] into [0, 1]
+        cal = task.calibrate(raw)
+        assert np.all(np.diff(cal) >= 0) and cal.min() >= 0 and cal.max() <= 1
+    task._calibration = ([0.0, 0.5, 1.0], [0.0, 0.8, 0.9])
+    assert np.allclose(task.calibrate(raw), [0.0, 0.016, 0.48, 0.9])
+    task._calibration = ()
+    assert np.array_equal(task.calibrate(raw), raw)
