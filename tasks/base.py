@@ -137,3 +137,16 @@ class Task:
         """What identifies this stage's results (config, weights checksums); used for run keys."""
         from deepmosaic.pipeline.config import to_dict
         return {"name": self.name, "config": to_dict(self.config)}
+
+
+class ModelTask(Task):
+    """A stage driven by a network. ``weights_kind`` names its shipped default weights
+    (``models/weights/<kind>``); the config's ``weights`` (a path, with or without extension) overrides them."""
+
+    weights_kind: ClassVar[str] = ""
+
+    def weights_base(self) -> str:
+        """Path of the weights without extension (the model card is ``<base>.json``)."""
+        from deepmosaic.models.weights_io import _base, shipped
+        w = self.config.weights
+        return str(shipped(self.weights_kind) if w is None else _base(w))

@@ -101,7 +101,7 @@ import sep
 
 from deepmosaic.pipeline.config import field, require
 
-from .base import Column, MapSpec, Task, TaskOutput, TileInput
+from .base import Column, MapSpec, ModelTask, Task, TaskOutput, TileInput
 from .sep_task import SepConfig, make_kernel, run_extract, validate_extract_params
 
 OBJ_MERGED = 1
@@ -298,7 +298,7 @@ def _roundup(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
-class ClumpsTask(Task):
+class ClumpsTask(ModelTask):
     """Clump probability map from the shipped (or a given) U-Net, clumps from it with sep, linked to hosts.
 
     The torch model is never part of the task's state (tasks are pickled to workers): it is loaded on first
@@ -307,6 +307,7 @@ class ClumpsTask(Task):
     """
 
     name = "clumps"
+    weights_kind = "clumps"
     Config = ClumpsConfig
     columns = CLUMP_COLUMNS
     maps = {**PROBABILITY, **CLUMP_SEGMENTATION}
@@ -319,11 +320,6 @@ class ClumpsTask(Task):
         self._net = None  # {"halo", "stride", "local", "sha256", "base"}: plain values only (picklable)
 
     # ---- model card ------------------------------------------------------------------------------
-    def weights_base(self) -> str:
-        from deepmosaic.models.weights_io import _base, shipped
-        w = self.config.weights
-        return str(shipped("clumps") if w is None else _base(w))
-
     def network_info(self) -> dict:
         """Halo, stride multiple, locality and checksum of the network, from its card (no weights read)."""
         if self._net is None:

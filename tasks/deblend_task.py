@@ -46,7 +46,7 @@ from scipy import ndimage
 
 from deepmosaic.pipeline.config import field, require
 
-from .base import Column, MapSpec, Task, TaskOutput, TileInput
+from .base import Column, MapSpec, ModelTask, TaskOutput, TileInput
 from .clumps_task import ClumpsTask, _get_model, resolve_device
 
 #: stage flag bits (0-7; pipeline bits 8+ are OR-ed in by the runner)
@@ -273,7 +273,7 @@ class _Call:
     peaks: np.ndarray    # [k, 2] stamp px
 
 
-class DeblendTask(Task):
+class DeblendTask(ModelTask):
     """Blends found from sep's footprints, deblended by the (probabilistic) U-Net; isolated objects kept.
 
     As in :class:`~deepmosaic.tasks.clumps_task.ClumpsTask`, the torch model is never part of the task's
@@ -281,6 +281,7 @@ class DeblendTask(Task):
     """
 
     name = "deblend"
+    weights_kind = "deblend"
     Config = DeblendConfig
     columns = DEBLEND_COLUMNS
     maps = DEBLEND_MAPS
@@ -292,11 +293,6 @@ class DeblendTask(Task):
         super().__init__(config)
         self._sha = None
         self._calibration = None   # (raw, calibrated) lists from the card, or () without one
-
-    def weights_base(self) -> str:
-        from deepmosaic.models.weights_io import _base, shipped
-        w = self.config.weights
-        return str(shipped("deblend") if w is None else _base(w))
 
     def network_sha256(self) -> str | None:
         if self._sha is None:

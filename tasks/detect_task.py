@@ -92,7 +92,7 @@ import sep
 
 from deepmosaic.pipeline.config import field, require
 
-from .base import Column, MapSpec, Task, TaskOutput, TileInput
+from .base import Column, MapSpec, ModelTask, TaskOutput, TileInput
 from .clumps_task import ClumpsTask, _get_model, _roundup, resolve_device
 
 log = logging.getLogger("deepmosaic")
@@ -425,11 +425,12 @@ def _warn_once(kind: str, msg: str) -> None:
         log.warning("detect: %s", msg)
 
 
-class DetectTask(Task):
+class DetectTask(ModelTask):
     """Objects from the centre-heatmap detector (see the module doc). The torch model is loaded lazily per
     process and never pickled; the model card gives the halo, the checksum and the training range."""
 
     name = "detect"
+    weights_kind = "detect"
     Config = DetectConfig
     columns = DETECT_COLUMNS
     maps = HEATMAP
@@ -438,11 +439,6 @@ class DetectTask(Task):
     def __init__(self, config=None):
         super().__init__(config)
         self._net = None  # plain values only (picklable)
-
-    def weights_base(self) -> str:
-        from deepmosaic.models.weights_io import _base, shipped
-        w = self.config.weights
-        return str(shipped("detect") if w is None else _base(w))
 
     def network_info(self) -> dict:
         """Halo, stride, locality, checksum and training range of the network, from its card."""

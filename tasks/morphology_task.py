@@ -55,7 +55,7 @@ import numpy as np
 
 from deepmosaic.pipeline.config import field, require
 
-from .base import Column, Task, TaskOutput, TileInput
+from .base import Column, ModelTask, Task, TaskOutput, TileInput
 from .clumps_task import ClumpsTask, _get_model, resolve_device
 
 NEIGHBOUR = 1
@@ -281,21 +281,17 @@ class MorphologyConfig(_StampConfig):
                 dev, "use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
 
 
-class MorphologyTask(_MorphologyBase):
+class MorphologyTask(_MorphologyBase, ModelTask):
     """The CNN stage. The torch model is loaded once per process (never pickled with the task)."""
 
     name = "morphology"
+    weights_kind = "morphology"
     Config = MorphologyConfig
     resources = {"GPU": 1}
 
     def __init__(self, config=None):
         super().__init__(config)
         self._net = None  # plain values from the model card (picklable)
-
-    def weights_base(self) -> str:
-        from deepmosaic.models.weights_io import _base, shipped
-        w = self.config.weights
-        return str(shipped("morphology") if w is None else _base(w))
 
     def network_info(self) -> dict:
         """Stamp size, training ranges and checksum from the model card (no weights read)."""
