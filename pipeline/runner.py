@@ -217,8 +217,11 @@ def _finish_stage(task, out, tile, grid, mask, wcs, store_path, part):
     return n_owned, n_foreign
 
 
-def process_tile(store_path, mosaic, tasks, background, grid, tile, stages=None, state=None):
+def process_tile(store_path, mosaic, tasks, background, grid, tile, stages=None, state=None, write=None):
     """Run the stages on one tile (worker side). Returns a small summary dict, never pixels.
+
+    write : names of the stages whose results are written (default all); the others only feed them as
+        upstream (a store in which only some stages are recomputed, see ``run_pipeline``).
 
     stages : ``(start, stop)``: run only ``tasks[start:stop]`` (default all). A part that is not the last
         returns its state (the tile input with the upstream outputs, the catalog part so far) for the next
@@ -238,6 +241,8 @@ def process_tile(store_path, mosaic, tasks, background, grid, tile, stages=None,
             part, counts, notes = {}, {}, []
             if mask.all():
                 for task in tasks:
+                    if write is not None and task.name not in write:
+                        continue
                     empty = task.empty_output(image.shape)
                     _finish_stage(task, empty, tile, grid, mask, None, store_path, part)
                 st.write_part(store_path, tile.index, part)
@@ -253,6 +258,8 @@ def process_tile(store_path, mosaic, tasks, background, grid, tile, stages=None,
         for task in tasks[start:stop]:
             out = task.run(ti)
             ti.upstream[task.name] = out
+            if write is not None and task.name not in write:
+                continue
             counts[task.name] = _finish_stage(task, out, tile, grid, ti.mask, wcs, store_path, part)
             notes += [f"{task.name}: {m}" for m in out.notes]
         seconds = spent + time.perf_counter() - t0
@@ -333,11 +340,48 @@ class RunResult:
     failures: list
     seconds: float
     recomputed_tiles: int
+    recomputed_stages: list | None = None  # stages recomputed in this run (all of them: None)
+
+
+def _depends(task) -> set:
+    return {*task.requires, *(s for s, _ in task.links.values())} - {task.name}
+
+
+def refresh_plan(out: str, tasks, resolved: dict, inputs: list):
+    """Which stages of the finished store ``out`` must be recomputed for this run, or None (rebuild it all).
+
+    Only the stages whose resolved config (weights checksums included) changed, the stages new to the
+    store, and every stage that depends on one of those (``requires``, ``links``), are recomputed; the
+    others' maps and catalogs stay. The whole store is rebuilt instead when the input, the deepmosaic
+    version, the tile grid, the halo or the background settings differ, or the store is not finished.
+    Returns ``(stages to recompute, stages no longer run)``.
+    """
+    meta = dict(st.open_store(out).attrs.get("deepmosaic", {}))
+    if not meta.get("finished") or meta.get("refreshing") or os.path.isdir(os.path.join(out, "_work")):
+        return None
+    if meta.get("version") != _version() or \
+            [i.get("sha256") for i in meta.get("inputs", [])] != [i["sha256"] for i in inputs]:
+        return None
+    old, new = meta.get("config") or {}, st._json_safe(resolved)
+    rest = (lambda c: {k: v for k, v in c.items() if k not in ("stages", "run_key")})
+    if rest(old) != rest(new):
+        return None
+    old_stages, new_stages = old.get("stages") or {}, new["stages"]
+    changed: list[str] = []
+    for t in tasks:
+        if old_stages.get(t.name) != new_stages[t.name] or _depends(t) & set(changed):
+            changed.append(t.name)
+    return changed, [s for s in old_stages if s not in new_stages]
 
 
 def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=False, overwrite=False,
-                 background_settings=None, run_config=None, quiet=False) -> RunResult:
-    """Run ``tasks`` over ``mosaic`` into the store ``out`` (see ``deepmosaic.workflows.run`` for the API)."""
+                 background_settings=None, run_config=None, quiet=False, refresh=False) -> RunResult:
+    """Run ``tasks`` over ``mosaic`` into the store ``out`` (see ``deepmosaic.workflows.run`` for the API).
+
+    refresh : for an existing store: recompute only the stages that :func:`refresh_plan` names (their
+        results are replaced, the other stages' stay), or rebuild the whole store when it cannot be
+        refreshed stage by stage. An interrupted refresh is finished with ``resume`` (or ``refresh``).
+    """
     t_start = time.perf_counter()
     halo = max([t.halo for t in tasks] + [0])
     grid = TileGrid(mosaic.shape, tile_size, halo)
@@ -355,7 +399,29 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
     inputs = [{"path": b.path, "sha256": file_sha256(b.path), "shape": list(b.shape), "dtype": b.dtype,
                "hdu": b.hdu, "plane": b.plane, "band": b.band, "wcs_header": b.header} for b in mosaic.bands]
 
-    if os.path.exists(out):
+    refreshing = None
+    if os.path.exists(out) and refresh and not overwrite:
+        meta = dict(st.open_store(out).attrs.get("deepmosaic", {}))
+        plan = None if meta.get("refreshing") else refresh_plan(out, tasks, resolved, inputs)
+        if meta.get("refreshing"):
+            resume = True  # an interrupted refresh: finish it
+        elif plan is None:
+            overwrite = True
+        elif not plan[0]:  # no stage to recompute: drop the stages no longer run, record the config
+            st.reset_stages(out, grid, {}, plan[1])
+            n_kept = {k: v for k, v in (meta.get("n_objects") or {}).items() if k not in plan[1]}
+            st.update_attrs(out, config=resolved, n_objects=n_kept)
+            log.info("%s: no stage to recompute%s", out, f"; dropped {', '.join(plan[1])}" if plan[1] else "")
+            return RunResult(store=out, n_objects=n_kept, tiles=dict(meta.get("tiles", {})), failures=[],
+                             seconds=time.perf_counter() - t_start, recomputed_tiles=0, recomputed_stages=[])
+        else:
+            refreshing, dropped = plan
+            st.reset_stages(out, grid, {t.name: dict(t.maps) for t in tasks if t.name in refreshing}, dropped)
+            n_kept = {k: v for k, v in (meta.get("n_objects") or {}).items() if k not in refreshing + dropped}
+            st.update_attrs(out, config=resolved, finished=None, refreshing=refreshing, n_objects=n_kept)
+            log.info("%s: recomputing stage(s) %s; keeping %s", out, ", ".join(refreshing) or "none",
+                     ", ".join(sorted(n_kept)) or "nothing")
+    if os.path.exists(out) and refreshing is None:
         if overwrite:
             st.remove_store(out)
         elif resume:
@@ -380,6 +446,15 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
             return RunResult(store=out, n_objects=dict(meta.get("n_objects", {})), tiles=dict(meta.get("tiles", {})),
                              failures=[], seconds=time.perf_counter() - t_start, recomputed_tiles=0)
 
+    meta = dict(st.open_store(out).attrs.get("deepmosaic", {}))
+    write = meta.get("refreshing")  # stages being recomputed (a refresh), or None: all
+    run_tasks = list(tasks)
+    if write is not None:
+        need = set(write)
+        for t in reversed(tasks):  # the written stages and everything they take as upstream
+            if t.name in need:
+                need |= _depends(t)
+        run_tasks = [t for t in tasks if t.name in need]
     ex = executor
     background = st.read_background(out)
     if background is None:
@@ -391,10 +466,15 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
     todo = [t for t in grid if status[t.row, t.col] in (st.STATUS_PENDING, st.STATUS_FAILED)]
     failures = []
     bar = _progress(len(todo), "tiles")
-    args = [(out, mosaic, tuple(tasks), background, grid, t) for t in todo]
-    parts = stage_parts(tasks, ex)
-    results = ex.map_unordered(process_tile, args, resources=parts[0][1]) if len(parts) == 1 else \
-        ex.map_chain(process_tile, args, [({"stages": span}, res) for span, res in parts])
+    args = [(out, mosaic, tuple(run_tasks), background, grid, t) for t in todo]
+    parts = stage_parts(run_tasks, ex)
+    if write is not None:
+        results = ex.map_chain(process_tile, args, [({"stages": span, "write": frozenset(write)}, res)
+                                                    for span, res in parts])
+    elif len(parts) == 1:
+        results = ex.map_unordered(process_tile, args, resources=parts[0][1])
+    else:
+        results = ex.map_chain(process_tile, args, [({"stages": span}, res) for span, res in parts])
     for i, res in results:
         t = todo[i]
         st.set_status(out, "status", t.row, t.col, res["status"])
@@ -411,7 +491,8 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
     ready = [t for t in grid if status[t.row, t.col] in (st.STATUS_DONE, st.STATUS_NO_WORK)
              and not stitched[t.row, t.col]]
     unresolved = 0
-    label_maps = [(t.name, n) for t in tasks for n, s in t.maps.items() if s.kind == "label"]
+    written = [t for t in tasks if write is None or t.name in write]
+    label_maps = [(t.name, n) for t in written for n, s in t.maps.items() if s.kind == "label"]
     if ready and not failures:
         for stage, name in label_maps:
             maps = {idx: m for _, (idx, m) in
@@ -426,7 +507,7 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
     n_objects = {}
     status = st.get_status(out)
     if not failures and (status != st.STATUS_PENDING).all():
-        for task in tasks:
+        for task in written:
             parts = [st.read_part(out, t.index) for t in grid]
             cols = _concat_parts(task, parts)
             _fill_links(out, task, cols, grid.shape)
@@ -434,11 +515,16 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
             st.write_catalog(out, task.name, cols, schema)
             n_objects[task.name] = int(len(cols["id"]))
         st.clear_work(out)
-        st.update_attrs(out, finished=_now(), n_objects=n_objects, seam_unresolved=unresolved)
+        if write is not None:
+            n_objects = {**(meta.get("n_objects") or {}), **n_objects}
+            n_objects = {t.name: n_objects[t.name] for t in tasks if t.name in n_objects}
+        done = {"refreshing": None} if write is not None else {}
+        st.update_attrs(out, finished=_now(), n_objects=n_objects, seam_unresolved=unresolved, **done)
     counts = {st.STATUS_NAMES[k]: int((status == k).sum()) for k in st.STATUS_NAMES}
     st.update_attrs(out, tiles=counts, failures=failures)
     return RunResult(store=out, n_objects=n_objects, tiles=counts, failures=failures,
-                     seconds=time.perf_counter() - t_start, recomputed_tiles=len(todo))
+                     seconds=time.perf_counter() - t_start, recomputed_tiles=len(todo),
+                     recomputed_stages=list(write) if write is not None else None)
 
 
 from deepmosaic.tasks.base import Column as _Column  # noqa: E402

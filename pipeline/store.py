@@ -23,6 +23,15 @@ def _json_safe(obj):
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
+def _create_map(group, name: str, spec, grid):
+    # float maps compress poorly with zstd and cost more to write than to compute: lz4 + shuffle
+    codec = {"compressors": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")} \
+        if np.dtype(spec.dtype).kind == "f" else {}
+    arr = group.create_array(name, shape=grid.shape, chunks=grid.core, dtype=spec.dtype, fill_value=spec.fill,
+                             **codec)
+    arr.attrs.update({"description": spec.description, "kind": spec.kind})
+
+
 def create_store(path: str, grid, map_specs: dict, attrs: dict):
     """Create an empty store for ``grid`` with the maps of every stage.
 
@@ -40,17 +49,37 @@ def create_store(path: str, grid, map_specs: dict, attrs: dict):
     for stage, specs in map_specs.items():
         g = maps.create_group(stage)
         for name, spec in specs.items():
-            # float maps compress poorly with zstd and cost more to write than to compute: lz4 + shuffle
-            codec = {"compressors": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")} \
-                if np.dtype(spec.dtype).kind == "f" else {}
-            arr = g.create_array(name, shape=grid.shape, chunks=grid.core, dtype=spec.dtype,
-                                 fill_value=spec.fill, **codec)
-            arr.attrs.update({"description": spec.description, "kind": spec.kind})
+            _create_map(g, name, spec, grid)
     root.create_group("catalogs")
     root.create_group("reports")
     root.attrs["deepmosaic"] = _json_safe(attrs)
     os.makedirs(os.path.join(path, "_work"), exist_ok=True)
     return root
+
+
+def reset_stages(path: str, grid, map_specs: dict, drop=()):
+    """Prepare a finished store for recomputing some stages only (the others' results stay).
+
+    map_specs : {stage: {name: MapSpec}} of the stages to recompute: their maps, catalogs and reports
+    are removed and their maps created empty again; ``drop``: stages no longer run, removed too. When
+    there is a stage to recompute, every tile goes back to pending (and unstitched) and the work folder
+    is recreated.
+    """
+    root = zarr.open_group(path, mode="r+")
+    for stage in [*map_specs, *drop]:
+        for group in ("maps", "catalogs", "reports", "reports_clumps"):
+            if group in root and stage in root[group]:
+                shutil.rmtree(os.path.join(path, group, stage))
+    root = zarr.open_group(path, mode="r+")  # re-read the hierarchy after the removals
+    for stage, specs in map_specs.items():
+        g = root["maps"].create_group(stage, overwrite=True)
+        for name, spec in specs.items():
+            _create_map(g, name, spec, grid)
+    if not map_specs:
+        return
+    for name in ("status", "stitched"):
+        zarr.open_array(f"{path}/tiles/{name}", mode="r+")[...] = 0
+    os.makedirs(os.path.join(path, "_work"), exist_ok=True)
 
 
 def open_store(path: str, mode: str = "r"):

@@ -34,7 +34,7 @@ def _workflow(tmp_path, **changes):
     data = {"inputs": ["incoming/m*[0-9].fits"], "output": "out", "tile": TILE, "stages": {"sep": {}},
             "cluster": {"kind": "local", "workers": 0}, **changes}
     f = tmp_path / "wf.yaml"
-    f.write_text(yaml.safe_dump(data))
+    f.write_text(yaml.safe_dump(data, sort_keys=False))  # stage order matters
     return load_workflow(str(f))
 
 
@@ -232,3 +232,97 @@ def test_two_runs_on_one_output_are_refused(tmp_path):
         with pytest.raises(StoreError, match="another workflow run.*pid 12345"):
             run_workflow(wf)
     assert not os.path.exists(wf.index_path)
+
+
+def _store_files(store, stage):
+    """{relative path: (size, mtime_ns)} of every file of one stage's maps and catalog."""
+    out = {}
+    for group in ("maps", "catalogs"):
+        root = os.path.join(store, group, stage)
+        for d, _, files in os.walk(root):
+            for f in files:
+                p = os.path.join(d, f)
+                out[os.path.relpath(p, store)] = (os.path.getsize(p), os.stat(p).st_mtime_ns)
+    return out
+
+
+def _same_catalogs(a, b, stages):
+    for stage in stages:
+        ca, cb = read_catalog(a, stage), read_catalog(b, stage)
+        assert list(ca) == list(cb), stage
+        for k in ca:
+            np.testing.assert_array_equal(ca[k], cb[k], err_msg=f"{stage}.{k}")
+
+
+def _clean_run(tmp_path, name, stages) -> str:
+    """The same input run from scratch into its own output: the store a recomputation must equal."""
+    out = tmp_path / name
+    run_workflow(parse_workflow({"inputs": [str(tmp_path / "incoming" / "m1.fits")], "output": str(out),
+                                 "tile": TILE, "stages": stages, "cluster": {"kind": "local", "workers": 0}},
+                                path=str(tmp_path / f"{name}.yaml")))
+    return str(out / "m1.zarr")
+
+
+def test_changed_stage_config_recomputes_only_that_stage_and_its_dependents(tmp_path):
+    _write_inputs(tmp_path / "incoming", [1])
+    stages = {"sep": {}, "photutils": {}, "morphology": {}}  # morphology measures sep's detections
+    run_workflow(_workflow(tmp_path, stages=stages))
+    store = str(tmp_path / "out" / "m1.zarr")
+    before = {s: _store_files(store, s) for s in stages}
+
+    # photutils alone changed: sep and morphology are not touched (not even rewritten)
+    stages2 = {**stages, "photutils": {"n_pixels": 8}}
+    night = run_workflow(_workflow(tmp_path, stages=stages2))
+    rec = night.records[0]
+    assert (rec["action"], rec["reason"], rec["recomputed_stages"]) == ("reprocessed", "changed: config",
+                                                                         ["photutils"])
+    assert _store_files(store, "sep") == before["sep"] and _store_files(store, "morphology") == before["morphology"]
+    _same_catalogs(store, _clean_run(tmp_path, "ref2", stages2), stages)
+
+    # sep changed: sep and what depends on it (morphology) are recomputed, photutils is kept
+    kept = _store_files(store, "photutils")
+    stages3 = {**stages2, "sep": {"thresh": 3.0}}
+    night = run_workflow(_workflow(tmp_path, stages=stages3))
+    assert night.records[0]["recomputed_stages"] == ["sep", "morphology"]
+    assert _store_files(store, "photutils") == kept
+    ref3 = _clean_run(tmp_path, "ref3", stages3)
+    _same_catalogs(store, ref3, stages)
+    np.testing.assert_array_equal(zarr.open_array(f"{store}/maps/sep/segmentation")[...],
+                                  zarr.open_array(f"{ref3}/maps/sep/segmentation")[...])
+    meta = zarr.open_group(store, mode="r").attrs["deepmosaic"]
+    assert meta["finished"] and not meta.get("refreshing") and set(meta["n_objects"]) == set(stages)
+
+    # a stage no longer run is dropped from the store without recomputing the others
+    night = run_workflow(_workflow(tmp_path, stages={"sep": {"thresh": 3.0}, "photutils": {"n_pixels": 8}}))
+    assert night.records[0]["recomputed_tiles"] == 0
+    assert "morphology" not in zarr.open_group(store, mode="r")["catalogs"]
+
+
+class _InterruptChain(SyncExecutor):
+    """Like ``_Interrupt`` for the chained tile parts that a stage-by-stage recomputation uses."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def map_chain(self, fn, args_list, steps):
+        for i, out in super().map_chain(fn, args_list, steps):
+            if self.n == 0:
+                raise KeyboardInterrupt
+            self.n -= 1
+            yield i, out
+
+
+def test_interrupted_stage_recomputation_resumes_and_equals_a_clean_run(tmp_path):
+    _write_inputs(tmp_path / "incoming", [1])
+    stages = {"sep": {}, "photutils": {}}
+    run_workflow(_workflow(tmp_path, stages=stages))
+    store = str(tmp_path / "out" / "m1.zarr")
+    kept = _store_files(store, "sep")
+    stages2 = {"sep": {}, "photutils": {"n_pixels": 8}}
+    with pytest.raises(KeyboardInterrupt):
+        run_workflow(_workflow(tmp_path, stages=stages2), executor=_InterruptChain(4))
+    resumed = run_workflow(_workflow(tmp_path, stages=stages2))
+    rec = resumed.records[0]
+    assert (rec["action"], rec["recomputed_tiles"], rec["recomputed_stages"]) == ("resumed", 5, ["photutils"])
+    assert _store_files(store, "sep") == kept
+    _same_catalogs(store, _clean_run(tmp_path, "ref", stages2), stages2)

@@ -10,8 +10,10 @@ The run key of an input is the sha256 of its parts (kept in the run index, so a 
 
 Per input: the store finished with the same key is up to date (nothing is recomputed, and the run says
 so); a store with the same key but unfinished is resumed tile by tile (the runner's ``--resume``); a store
-with another key (changed input, config, model or version) is rebuilt; inputs whose key did not change
-are left alone. An input that cannot be read, or whose tiles fail, is recorded as failed with its error,
+with another key is reprocessed: when only stage configs or weights changed, just the stages they affect
+(the changed stages and those that depend on them; the runner's ``refresh``, listed in the index as
+``recomputed_stages``), otherwise (changed input, tile size, background settings or version) the whole
+store is rebuilt; inputs whose key did not change are left alone. An input that cannot be read, or whose tiles fail, is recorded as failed with its error,
 and the others still run. The run index ``OUTPUT/index.json`` lists every input with its key, status,
 times, tile counts and failures; it is rewritten (atomically) after every input, so an interrupted night
 leaves it current.
@@ -247,8 +249,9 @@ def _plan(wf: Workflow, tasks, path: str, old: dict | None) -> dict:
         return {**plan, "action": "resumed", "reason": "an earlier run stopped before the end"}
     if stored_key is None and not os.path.exists(wf.store_path(path)):
         return {**plan, "action": "new"}
-    changed = _changed((old or {}).get("parts"), parts) or ["store made by another run"]
-    return {**plan, "action": "reprocessed", "reason": "changed: " + ", ".join(changed)}
+    changed = _changed((old or {}).get("parts"), parts)
+    return {**plan, "action": "reprocessed", "changed": changed,
+            "reason": "changed: " + ", ".join(changed or ["store made by another run"])}
 
 
 def _evaluate(wf: Workflow, path: str, store: str, rec: dict):
@@ -301,11 +304,16 @@ def _process(wf: Workflow, tasks, plan: dict, ex, index: dict) -> dict:
     try:
         kw = {"hdu": wf.hdu} if wf.hdu is not None else {}
         mosaic = open_mosaic(path, **kw)
+        # only the config or weights changed: recompute just the stages they affect (the runner falls back to
+        # a full rebuild when the store cannot be refreshed stage by stage)
+        by_stage = plan["action"] == "reprocessed" and set(plan.get("changed") or ()) <= {"config", "weights"} \
+            and bool(plan.get("changed"))
         res = run_pipeline(mosaic, store, tasks, tile_size=wf.tile, executor=ex,
-                           resume=plan["action"] == "resumed", overwrite=plan["action"] == "reprocessed",
+                           resume=plan["action"] == "resumed",
+                           overwrite=plan["action"] == "reprocessed" and not by_stage, refresh=by_stage,
                            background_settings=background_settings(tasks), run_config={"run_key": plan["key"]})
         rec.update(tiles=res.tiles, n_objects=res.n_objects, failures=res.failures,
-                   recomputed_tiles=res.recomputed_tiles)
+                   recomputed_tiles=res.recomputed_tiles, recomputed_stages=res.recomputed_stages)
         if res.failures:
             rec.update(status="failed", error=f"{len(res.failures)} tile(s) failed, first: {res.failures[0]}")
         else:
