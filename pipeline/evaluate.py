@@ -483,9 +483,10 @@ def format_summary(summary: dict) -> str:
         head.append(f"max_sep: {first.get('max_sep')} pix")
     if head:
         lines.append("  ".join(head))
-    lines.append(line(header))
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend(line(r) for r in rows)
+    if rows:  # no galaxy table when only the clump stages were evaluated
+        lines.append(line(header))
+        lines.append("  ".join("-" * w for w in widths))
+        lines.extend(line(r) for r in rows)
     for stage, vs in (summary.get("_versus") or {}).items():
         for base, d in vs.items():
             lines.append(f"{stage} vs {base} (true objects): both {d['both_found']}, only {stage} "

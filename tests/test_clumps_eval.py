@@ -135,6 +135,7 @@ def test_evaluate_scores_clump_stages_against_clump_truth_only(clumpy, tmp_path)
     # only the clump stage asked for: no galaxy evaluation at all
     only = evaluate_store(store, truth, stages="clumps_sep")
     assert set(only) == {"_truth", "_clumps"}
+    assert "compl S/N>=10" not in format_summary(only)  # and no empty galaxy table in the summary
     # the HTML report has a clump section with its curves
     from deepmosaic.pipeline.report import make_report
     index = make_report(store, tmp_path / "rep")
