@@ -100,8 +100,11 @@ class DeblendConfig:
     max_members: int = field(6, "Blends with more members are skipped (flag 'skipped', footprints kept).")
     margin: int = field(4, "A blend's footprints must lie this far (px) inside every stamp it needs, else "
                            "it is skipped as too large.")
-    find_peaks: bool = field(True, "Also look for secondary peaks inside each sep footprint (a close pair that "
-                                   "sep left as one object); each becomes a member of a blend.")
+    peaks: str = field("sep", "Where extra blend members come from: 'sep' (secondary peaks of the image inside "
+                              "sep's footprints, see find_peaks) or 'detect' (the detect stage's detections inside "
+                              "sep's footprints; run `--stages sep,detect,deblend`).")
+    find_peaks: bool = field(True, "With peaks='sep': also look for secondary peaks inside each sep footprint (a "
+                                   "close pair that sep left as one object); each becomes a member of a blend.")
     peak_smooth: float = field(1.0, "Gaussian sigma (px) of the smoothing before peaks are looked for.")
     peak_min_separation: int = field(3, "Peaks closer than this (px) are one peak.")
     peak_min_dip: float = field(1.0, "A secondary peak must stand this far (units of the pixel noise, on the "
@@ -132,6 +135,7 @@ class DeblendConfig:
         require(self.max_members >= 2, w, "max_members", self.max_members, "must be >= 2.")
         require(0 <= self.margin < self.stamp // 4, w, "margin", self.margin, f"must be in [0, {self.stamp // 4}).")
         require(0 < self.peak_smooth <= 5, w, "peak_smooth", self.peak_smooth, "must be in (0, 5] px.")
+        require(self.peaks in ("sep", "detect"), w, "peaks", self.peaks, "use 'sep' or 'detect'.")
         require(self.peak_min_separation >= 1, w, "peak_min_separation", self.peak_min_separation, "must be >= 1 px.")
         require(self.peak_min_dip > 0, w, "peak_min_dip", self.peak_min_dip, "must be > 0.")
         require(0 <= self.peak_rel_dip < 1, w, "peak_rel_dip", self.peak_rel_dip, "must be in [0, 1).")
@@ -251,6 +255,40 @@ def footprint_peaks(smooth: np.ndarray, seg: np.ndarray, n: int, min_separation:
     return np.asarray(out, float).reshape(-1, 2), np.asarray(rows, np.int64)
 
 
+def detection_peaks(catalog: dict, seg: np.ndarray, own: np.ndarray, min_separation: float):
+    """Extra blend members from the detect stage's detections (window pixels) inside sep footprints.
+
+    In each footprint the detection nearest the footprint's own peak ``own[row]`` is sep's object itself;
+    every other detection there (strongest first) at least ``min_separation`` px from the peaks kept so far
+    becomes a member. Detections on sep's sky are not blend members (the stage deblends sep's footprints).
+    Returns (peaks float [m, 2] (y, x), rows int [m]) like :func:`footprint_peaks`.
+    """
+    from .detect_task import seeds
+    if len(catalog.get("x", [])) == 0:
+        return np.zeros((0, 2)), np.zeros(0, np.int64)
+    s = seeds(catalog)
+    yx = s["yx"]
+    H, W = seg.shape
+    yi = np.clip(np.floor(yx[:, 0] + 0.5).astype(np.int64), 0, H - 1)
+    xi = np.clip(np.floor(yx[:, 1] + 0.5).astype(np.int64), 0, W - 1)
+    rows = seg[yi, xi] - 1
+    own_det = {}
+    for k in np.flatnonzero(rows >= 0):  # the detection of sep's own object, per footprint
+        d = float(np.hypot(*(yx[k] - own[rows[k]])))
+        if rows[k] not in own_det or d < own_det[rows[k]][1]:
+            own_det[rows[k]] = (k, d)
+    kept = {r: [np.asarray(own[r], float)] for r in own_det}
+    out, out_rows = [], []
+    for k in np.flatnonzero(rows >= 0):   # strongest first (seeds are sorted by score)
+        r = int(rows[k])
+        if own_det[r][0] == k or min(float(np.hypot(*(yx[k] - p))) for p in kept[r]) < min_separation:
+            continue
+        kept[r].append(yx[k])
+        out.append(yx[k])
+        out_rows.append(r)
+    return (np.asarray(out, float).reshape(-1, 2), np.asarray(out_rows, np.int64))
+
+
 def cut(img: np.ndarray, cy: int, cx: int, size: int) -> np.ndarray:
     """``size`` x ``size`` stamp of ``img`` whose pixel ``size // 2`` is ``(cy, cx)``, zeros outside."""
     out = np.zeros((size, size), img.dtype)
@@ -291,6 +329,8 @@ class DeblendTask(ModelTask):
 
     def __init__(self, config=None):
         super().__init__(config)
+        if self.config.peaks == "detect":
+            self.requires = ("sep", "detect")
         self._sha = None
         self._calibration = None   # (raw, calibrated) lists from the card, or () without one
 
@@ -388,8 +428,13 @@ class DeblendTask(ModelTask):
         peaks = brightest_pixels(smooth, seg, n)
         groups, by_distance = find_blends(seg, np.asarray(scat["x"]), np.asarray(scat["y"]), cfg.neighbour_distance)
         # secondary peaks inside sep footprints become members n, n+1, ... of their footprint's blend
-        extra, extra_rows = (footprint_peaks(smooth, seg, n, cfg.peak_min_separation, cfg.peak_min_dip,
-                                             cfg.peak_rel_dip) if cfg.find_peaks else (np.zeros((0, 2)), []))
+        if cfg.peaks == "detect":
+            extra, extra_rows = detection_peaks(tile.upstream["detect"].catalog, seg, peaks, cfg.peak_min_separation)
+        elif cfg.find_peaks:
+            extra, extra_rows = footprint_peaks(smooth, seg, n, cfg.peak_min_separation, cfg.peak_min_dip,
+                                                cfg.peak_rel_dip)
+        else:
+            extra, extra_rows = np.zeros((0, 2)), []
         m = len(extra)
         if m:
             group_of = {int(r): g for g, rows in enumerate(groups) for r in rows}

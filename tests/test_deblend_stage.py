@@ -212,3 +212,41 @@ def test_uncertainty_goes_through_the_cards_calibration():
     assert np.allclose(task.calibrate(raw), [0.0, 0.016, 0.48, 0.9])
     task._calibration = ()
     assert np.array_equal(task.calibrate(raw), raw)
+
+
+def test_detect_peaks_seed_the_blends():
+    from deepmosaic.tasks.base import TaskOutput
+    from deepmosaic.tasks.deblend_task import FLAG_NEW_PEAK
+    objs = [(48.0, 44.0, 5000.0, 3.0, 0.8, 20.0), (48.0, 52.0, 2500.0, 2.5, 0.7, 100.0)]   # 2 PSF FWHM apart
+    _, image = galaxies((96, 96), objs, seed=1)
+    ti = tile_of(image)
+    ti.upstream["sep"] = SepTask().run(ti)
+    assert len(ti.upstream["sep"].catalog["x"]) == 1, "sep must leave this pair as one object"
+    # the detect stage's catalog (window px): both galaxies, plus one on the sky that is no blend member
+    det = {"x": np.array([52.3, 44.2, 10.0]), "y": np.array([47.8, 48.1, 10.0]),
+           "score": np.array([0.7, 0.9, 0.5]), "width": np.full(3, 8.0), "height": np.full(3, 8.0),
+           "class": np.ones(3, np.int64)}
+    ti.upstream["detect"] = TaskOutput(maps={}, catalog=det)
+    task = DeblendTask({"device": "cpu", "peaks": "detect"})
+    assert task.requires == ("sep", "detect")
+    out = task.run(ti)
+    cat, seg = out.catalog, out.maps["segmentation"]
+    assert len(cat["x"]) == 2 and (cat["n_children"] == 2).all()
+    assert ((cat["flags"] & FLAG_NEW_PEAK) > 0).tolist() == [False, True]
+    assert sorted(label_at(seg, y, x) for y, x, *_ in objs) == [1, 2]
+    # one detection per footprint (sep's own object): nothing to deblend, the footprint passes through
+    ti.upstream["detect"] = TaskOutput(maps={}, catalog={k: v[1:2] for k, v in det.items()})
+    single = task.run(ti)
+    assert np.array_equal(single.maps["segmentation"], ti.upstream["sep"].maps["segmentation"])
+    with pytest.raises(ConfigError, match="peaks"):
+        DeblendTask({"peaks": "heatmap"})
+
+
+def test_detect_seeded_deblend_needs_the_detect_stage_first(tmp_path):
+    from deepmosaic.workflows import run
+    from deepmosaic.pipeline.simulate import SimConfig, simulate_mosaic
+    from deepmosaic.pipeline.truth import write_simulation
+    image, _ = write_simulation(simulate_mosaic(SimConfig(size=(128, 128), seed=3)), tmp_path / "f.fits")
+    with pytest.raises(ConfigError, match="needs detect"):
+        run(str(image), str(tmp_path / "s.zarr"), stages="sep,deblend", tile=128, workers=0,
+            set=["deblend.peaks=detect"])
