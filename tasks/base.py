@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+from deepmosaic.pipeline.config import require
+
 # Pipeline flag bits, OR-ed into every catalog's ``flags`` column above the stage's own bits
 # (sep uses bits 0-7; see the README's store contract).
 FLAG_MASKED = 1 << 8           #: footprint touches masked (bad, NaN/inf) pixels
@@ -150,3 +152,13 @@ class ModelTask(Task):
         from deepmosaic.models.weights_io import _base, shipped
         w = self.config.weights
         return str(shipped(self.weights_kind) if w is None else _base(w))
+
+
+def check_model_settings(cfg, where: str) -> None:
+    """The config checks every network stage shares: ``weights`` (None or a path) and ``device``."""
+    require(cfg.weights is None or (isinstance(cfg.weights, str) and cfg.weights.strip()), where, "weights",
+            cfg.weights, "a weights path (NAME.safetensors with NAME.json beside it), or None.")
+    dev = cfg.device
+    require(isinstance(dev, str) and (dev in ("auto", "cpu", "cuda")
+                                      or (dev.startswith("cuda:") and dev[5:].isdigit())),
+            where, "device", dev, "use 'auto', 'cpu', 'cuda' or 'cuda:N'.")

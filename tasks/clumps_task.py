@@ -101,7 +101,7 @@ import sep
 
 from deepmosaic.pipeline.config import field, require
 
-from .base import Column, MapSpec, ModelTask, Task, TaskOutput, TileInput
+from .base import Column, MapSpec, ModelTask, Task, TaskOutput, TileInput, check_model_settings
 from .sep_task import SepConfig, make_kernel, run_extract, validate_extract_params
 
 OBJ_MERGED = 1
@@ -260,18 +260,13 @@ class ClumpsConfig:
 
     def validate(self):
         w = self.stage_name
-        require(self.weights is None or (isinstance(self.weights, str) and self.weights.strip()), w, "weights",
-                self.weights, "a weights path (NAME.safetensors with NAME.json beside it), or None.")
+        check_model_settings(self, w)
         require(0 < self.threshold < 1, w, "threshold", self.threshold, "must be in (0, 1), e.g. 0.5.")
         require(self.minarea >= 1, w, "minarea", self.minarea, "must be >= 1 pixel.")
         require(0 <= self.deblend_cont <= 1, w, "deblend_cont", self.deblend_cont, "must be in [0, 1].")
         require(self.batch_size >= 1, w, "batch_size", self.batch_size, "must be >= 1.")
         require(8 <= self.patch <= 8192, w, "patch", self.patch, "must be in [8, 8192] px, e.g. 2048.")
         require(0 <= self.margin <= 256, w, "margin", self.margin, "must be in [0, 256] px, e.g. 8.")
-        dev = self.device
-        require(isinstance(dev, str) and (dev in ("auto", "cpu", "cuda")
-                                          or (dev.startswith("cuda:") and dev[5:].isdigit())),
-                w, "device", dev, "use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
         _check_annulus(w, self.local_annulus)
 
 

@@ -46,7 +46,7 @@ from scipy import ndimage
 
 from deepmosaic.pipeline.config import field, require
 
-from .base import Column, MapSpec, ModelTask, TaskOutput, TileInput
+from .base import Column, MapSpec, ModelTask, TaskOutput, TileInput, check_model_settings
 from .clumps_task import ClumpsTask, _get_model, resolve_device
 
 #: stage flag bits (0-7; pipeline bits 8+ are OR-ed in by the runner)
@@ -124,8 +124,7 @@ class DeblendConfig:
 
     def validate(self):
         w = self.stage_name
-        require(self.weights is None or (isinstance(self.weights, str) and self.weights.strip()), w, "weights",
-                self.weights, "a weights path (NAME.safetensors with NAME.json beside it), or None.")
+        check_model_settings(self, w)
         require(32 <= self.stamp <= 1024 and self.stamp % 16 == 0, w, "stamp", self.stamp,
                 "must be a multiple of 16 in [32, 1024], e.g. 96.")
         require(self.halo >= self.stamp // 2, w, "halo", self.halo,
@@ -143,10 +142,6 @@ class DeblendConfig:
         require(0 < self.share_floor < 1, w, "share_floor", self.share_floor, "must be in (0, 1).")
         require(0 <= self.flux_wings <= 32, w, "flux_wings", self.flux_wings, "must be in [0, 32] px.")
         require(self.batch_size >= 1, w, "batch_size", self.batch_size, "must be >= 1.")
-        dev = self.device
-        require(isinstance(dev, str) and (dev in ("auto", "cpu", "cuda")
-                                          or (dev.startswith("cuda:") and dev[5:].isdigit())),
-                w, "device", dev, "use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
 
 
 # ------------------------------------------------------------------------------------------------ blends

@@ -92,7 +92,7 @@ import sep
 
 from deepmosaic.pipeline.config import field, require
 
-from .base import Column, MapSpec, ModelTask, TaskOutput, TileInput
+from .base import Column, MapSpec, ModelTask, TaskOutput, TileInput, check_model_settings
 from .clumps_task import ClumpsTask, _get_model, _roundup, resolve_device
 
 log = logging.getLogger("deepmosaic")
@@ -161,16 +161,11 @@ class DetectConfig:
 
     def validate(self):
         w = self.stage_name
-        require(self.weights is None or (isinstance(self.weights, str) and self.weights.strip()), w, "weights",
-                self.weights, "a weights path (NAME.safetensors with NAME.json beside it), or None.")
+        check_model_settings(self, w)
         require(0 < self.threshold < 1, w, "threshold", self.threshold, "must be in (0, 1), e.g. 0.3.")
         require(0 < self.saddle <= 1, w, "saddle", self.saddle, "must be in (0, 1], e.g. 0.9.")
         require(self.batch_size >= 1, w, "batch_size", self.batch_size, "must be >= 1.")
         require(8 <= self.patch <= 8192, w, "patch", self.patch, "must be in [8, 8192] px, e.g. 512.")
-        dev = self.device
-        require(isinstance(dev, str) and (dev in ("auto", "cpu", "cuda")
-                                          or (dev.startswith("cuda:") and dev[5:].isdigit())),
-                w, "device", dev, "use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
         tol = self.noise_tolerance
         require(isinstance(tol, (tuple, list)) and len(tol) == 2 and 0 < tol[0] < 1 < tol[1], w,
                 "noise_tolerance", tol, "expected (lo, hi) with 0 < lo < 1 < hi, e.g. (0.8, 1.25).")

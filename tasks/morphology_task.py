@@ -55,7 +55,7 @@ import numpy as np
 
 from deepmosaic.pipeline.config import field, require
 
-from .base import Column, ModelTask, Task, TaskOutput, TileInput
+from .base import Column, ModelTask, Task, TaskOutput, TileInput, check_model_settings
 from .clumps_task import ClumpsTask, _get_model, resolve_device
 
 NEIGHBOUR = 1
@@ -272,13 +272,9 @@ class MorphologyConfig(_StampConfig):
     def validate(self):
         w = self.stage_name
         _common_checks(self)
-        require(self.weights is None or (isinstance(self.weights, str) and self.weights.strip()), w, "weights",
-                self.weights, "a weights path (NAME.safetensors with NAME.json beside it), or None.")
+        check_model_settings(self, w)
         require(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 65536, w, "batch_size",
                 self.batch_size, "an integer in [1, 65536], e.g. 256.")
-        dev = self.device
-        require(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()), w, "device",
-                dev, "use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
 
 
 class MorphologyTask(_MorphologyBase, ModelTask):
