@@ -153,6 +153,16 @@ class ModelTask(Task):
         w = self.config.weights
         return str(shipped(self.weights_kind) if w is None else _base(w))
 
+    def model_card(self, architecture: str | None = None) -> tuple[str, dict]:
+        """``(weights base, model card)``; with ``architecture``, a card of another network is refused."""
+        from deepmosaic.models.weights_io import WeightsError, read_card
+        base = self.weights_base()
+        card = read_card(base)
+        if architecture is not None and card.get("architecture") != architecture:
+            raise WeightsError(f"{base}: the {self.name} stage needs a {architecture!r} network, the card has "
+                               f"{card.get('architecture')!r}.")
+        return base, card
+
 
 def check_model_settings(cfg, where: str) -> None:
     """The config checks every network stage shares: ``weights`` (None or a path) and ``device``."""

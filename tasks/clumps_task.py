@@ -319,9 +319,8 @@ class ClumpsTask(ModelTask):
         """Halo, stride multiple, locality and checksum of the network, from its card (no weights read)."""
         if self._net is None:
             from deepmosaic.models import registry
-            from deepmosaic.models.weights_io import WeightsError, read_card
-            base = self.weights_base()
-            card = read_card(base)
+            from deepmosaic.models.weights_io import WeightsError
+            base, card = self.model_card()
             net = registry.build(card["architecture"], **card.get("config", {}))
             cfg = net.config
             if getattr(cfg, "in_channels", 1) != 1 or getattr(cfg, "out_channels", 1) != 1:

@@ -331,11 +331,11 @@ class DeblendTask(ModelTask):
 
     def network_sha256(self) -> str | None:
         if self._sha is None:
-            from deepmosaic.models.weights_io import WeightsError, read_card
-            card = read_card(self.weights_base())
+            from deepmosaic.models.weights_io import WeightsError
+            base, card = self.model_card()
             cfg = card.get("config", {})
             if cfg.get("in_channels") != 3 or cfg.get("out_channels") != 2:
-                raise WeightsError(f"{self.weights_base()}: the deblend stage needs a network with 3 input "
+                raise WeightsError(f"{base}: the deblend stage needs a network with 3 input "
                                    f"channels (image, central and companion peaks) and 2 outputs, the card has "
                                    f"{cfg.get('in_channels')} -> {cfg.get('out_channels')}.")
             self._sha = card.get("weights", {}).get("sha256") or ""

@@ -439,12 +439,8 @@ class DetectTask(ModelTask):
         """Halo, stride, locality, checksum and training range of the network, from its card."""
         if self._net is None:
             from deepmosaic.models import registry
-            from deepmosaic.models.weights_io import WeightsError, read_card
-            base = self.weights_base()
-            card = read_card(base)
-            if card.get("architecture") != "centernet":
-                raise WeightsError(f"{base}: the detect stage needs a 'centernet' network, the card has "
-                                   f"{card.get('architecture')!r}.")
+            from deepmosaic.models.weights_io import WeightsError
+            base, card = self.model_card("centernet")
             net = registry.build("centernet", **card.get("config", {}))
             cfg = net.config
             if cfg.in_channels != 1 or tuple(cfg.class_names) != CLASS_NAMES:

@@ -292,12 +292,7 @@ class MorphologyTask(_MorphologyBase, ModelTask):
     def network_info(self) -> dict:
         """Stamp size, training ranges and checksum from the model card (no weights read)."""
         if self._net is None:
-            from deepmosaic.models.weights_io import WeightsError, read_card
-            base = self.weights_base()
-            card = read_card(base)
-            if card.get("architecture") != "morphnet":
-                raise WeightsError(f"{base}: the morphology stage needs a 'morphnet' network, the card has "
-                                   f"{card.get('architecture')!r}.")
+            base, card = self.model_card("morphnet")
             ts = (card.get("training_set") or {}).get("config") or {}
             scale = float(ts.get("pixel_scale", 0.2))
             rng = {"r_half": [v / scale for v in ts.get("hlr_range", (0.0, np.inf))],
