@@ -347,8 +347,9 @@ def _depends(task) -> set:
     return {*task.requires, *(s for s, _ in task.links.values())} - {task.name}
 
 
-def refresh_plan(out: str, tasks, resolved: dict, inputs: list):
-    """Which stages of the finished store ``out`` must be recomputed for this run, or None (rebuild it all).
+def refresh_plan(out: str, meta: dict, tasks, resolved: dict, inputs: list):
+    """Which stages of the finished store ``out`` (its ``deepmosaic`` attributes: ``meta``) must be
+    recomputed for this run, or None (rebuild it all).
 
     Only the stages whose resolved config (weights checksums included) changed, the stages new to the
     store, and every stage that depends on one of those (``requires``, ``links``), are recomputed; the
@@ -356,7 +357,6 @@ def refresh_plan(out: str, tasks, resolved: dict, inputs: list):
     version, the tile grid, the halo or the background settings differ, or the store is not finished.
     Returns ``(stages to recompute, stages no longer run)``.
     """
-    meta = dict(st.open_store(out).attrs.get("deepmosaic", {}))
     if not meta.get("finished") or meta.get("refreshing") or os.path.isdir(os.path.join(out, "_work")):
         return None
     if meta.get("version") != _version() or \
@@ -402,24 +402,22 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
     refreshing = None
     if os.path.exists(out) and refresh and not overwrite:
         meta = dict(st.open_store(out).attrs.get("deepmosaic", {}))
-        plan = None if meta.get("refreshing") else refresh_plan(out, tasks, resolved, inputs)
+        plan = None if meta.get("refreshing") else refresh_plan(out, meta, tasks, resolved, inputs)
         if meta.get("refreshing"):
             resume = True  # an interrupted refresh: finish it
         elif plan is None:
             overwrite = True
-        elif not plan[0]:  # no stage to recompute: drop the stages no longer run, record the config
-            st.reset_stages(out, grid, {}, plan[1])
-            n_kept = {k: v for k, v in (meta.get("n_objects") or {}).items() if k not in plan[1]}
-            st.update_attrs(out, config=resolved, n_objects=n_kept)
-            log.info("%s: no stage to recompute%s", out, f"; dropped {', '.join(plan[1])}" if plan[1] else "")
-            return RunResult(store=out, n_objects=n_kept, tiles=dict(meta.get("tiles", {})), failures=[],
-                             seconds=time.perf_counter() - t_start, recomputed_tiles=0, recomputed_stages=[])
         else:
             refreshing, dropped = plan
             st.reset_stages(out, grid, {t.name: dict(t.maps) for t in tasks if t.name in refreshing}, dropped)
             n_kept = {k: v for k, v in (meta.get("n_objects") or {}).items() if k not in refreshing + dropped}
+            if not refreshing:  # nothing to recompute: the stages no longer run are gone, record the config
+                st.update_attrs(out, config=resolved, n_objects=n_kept)
+                log.info("%s: no stage to recompute%s", out, f"; dropped {', '.join(dropped)}" if dropped else "")
+                return RunResult(store=out, n_objects=n_kept, tiles=dict(meta.get("tiles", {})), failures=[],
+                                 seconds=time.perf_counter() - t_start, recomputed_tiles=0, recomputed_stages=[])
             st.update_attrs(out, config=resolved, finished=None, refreshing=refreshing, n_objects=n_kept)
-            log.info("%s: recomputing stage(s) %s; keeping %s", out, ", ".join(refreshing) or "none",
+            log.info("%s: recomputing stage(s) %s; keeping %s", out, ", ".join(refreshing),
                      ", ".join(sorted(n_kept)) or "nothing")
     if os.path.exists(out) and refreshing is None:
         if overwrite:
@@ -439,14 +437,11 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
                  "inputs": inputs, "packages": package_versions(), "bands": [b.band for b in mosaic.bands]}
         st.create_store(out, grid, {t.name: dict(t.maps) for t in tasks}, attrs)
 
-    if not fresh:
-        meta = dict(st.open_store(out).attrs.get("deepmosaic", {}))
-        if meta.get("finished") and not os.path.isdir(os.path.join(out, "_work")):
-            log.info("%s: already finished with this input and configuration; nothing to recompute", out)
-            return RunResult(store=out, n_objects=dict(meta.get("n_objects", {})), tiles=dict(meta.get("tiles", {})),
-                             failures=[], seconds=time.perf_counter() - t_start, recomputed_tiles=0)
-
     meta = dict(st.open_store(out).attrs.get("deepmosaic", {}))
+    if not fresh and meta.get("finished") and not os.path.isdir(os.path.join(out, "_work")):
+        log.info("%s: already finished with this input and configuration; nothing to recompute", out)
+        return RunResult(store=out, n_objects=dict(meta.get("n_objects", {})), tiles=dict(meta.get("tiles", {})),
+                         failures=[], seconds=time.perf_counter() - t_start, recomputed_tiles=0)
     write = meta.get("refreshing")  # stages being recomputed (a refresh), or None: all
     run_tasks = list(tasks)
     if write is not None:
