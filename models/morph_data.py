@@ -27,7 +27,8 @@ import galsim
 import numpy as np
 
 from deepmosaic.pipeline.config import field, from_mapping
-from deepmosaic.pipeline.simulate import SERSIC_N_STEP, galaxy_profile
+from deepmosaic.pipeline.simulate import (BULGE_FRAC_RANGE, BULGE_HLR_RATIO_RANGE, SERSIC_N_STEP, SimConfig,
+                                          galaxy_profile)
 
 from .datasets import (BULGE_STEP, SPLITS, _draw, _draw_psf, _grid, _is_int, _loguniform, _num,
                        _rng_pair, _validate_common, dihedral_array, dihedral_yx, stamp_psf)
@@ -60,6 +61,12 @@ class MorphSetConfig:
     bulge_hlr_ratio_range: tuple[float, float] = field(
         (0.15, 0.65), "Bulge hlr / disk hlr range of bulge + disk galaxies; the mosaics use 0.2-0.6.")
     center_jitter: float = field(1.0, "Galaxy centre = stamp centre (size-1)/2 + uniform(-j, j) px per axis.")
+    core_fraction: float = field(
+        0.0, "Fraction of galaxies whose hlr, n and q are drawn from the core_* ranges instead (sub-ranges of the "
+             "full ones): more weight on the population the stage is used on, the stated range unchanged.")
+    core_hlr_range: tuple[float, float] = field((0.3, 1.5), "Core half-light radius range in arcsec (log-uniform).")
+    core_sersic_n_range: tuple[float, float] = field((0.5, 4.0), "Core Sersic index range (0.05 grid).")
+    core_q_range: tuple[float, float] = field((0.3, 1.0), "Core axis ratio range (uniform).")
 
     def validate(self) -> "MorphSetConfig":
         """Check every field; raise :class:`~deepmosaic.pipeline.errors.ConfigError` naming the first bad one."""
@@ -67,7 +74,31 @@ class MorphSetConfig:
         _validate_common(self, w, 16)
         _rng_pair(w, "snr_range", self.snr_range, 1e-3, 1e7, "e.g. (6, 500).")
         _num(w, "center_jitter", self.center_jitter, 0.0, self.size / 8, "px, e.g. 1.0.")
+        _num(w, "core_fraction", self.core_fraction, 0.0, 1.0, "a fraction in [0, 1], e.g. 0.5.")
+        for name in ("hlr", "sersic_n", "q"):
+            full = getattr(self, f"{name}_range")
+            _rng_pair(w, f"core_{name}_range", getattr(self, f"core_{name}_range"), full[0], full[1],
+                      f"keep the core inside {name}_range={tuple(full)}.")
         return self
+
+
+def mosaic_population(bulge_disk_fraction: float | None = None, psf_fwhm: float | None = None,
+                      psf_beta: float | None = None, snr_range: tuple[float, float] = (10.0, 500.0)
+                      ) -> MorphSetConfig:
+    """Stamps of the galaxies the stage meets in the simulated mosaics: the simulator's default galaxy ranges
+    (:class:`~deepmosaic.pipeline.simulate.SimConfig`: hlr, n, q, bulge + disk fraction and B/T, bulge/disk
+    radius ratio) and its one PSF (FWHM ``psf_fwhm`` arcsec, Moffat ``psf_beta``; default the simulator's),
+    with S/N log-uniform in ``snr_range`` (default the scored 10-500). The held-out benchmark and the
+    sigma calibration draw from it (with different seeds and splits)."""
+    sim = SimConfig()
+    fwhm = sim.psf_fwhm if psf_fwhm is None else float(psf_fwhm)
+    beta = sim.psf_beta if psf_beta is None else float(psf_beta)
+    bd = sim.bulge_disk_fraction if bulge_disk_fraction is None else float(bulge_disk_fraction)
+    return MorphSetConfig(pixel_scale=sim.pixel_scale, psf_fwhm_range=(fwhm, fwhm), psf_beta_range=(beta, beta),
+                          snr_range=tuple(snr_range), hlr_range=tuple(sim.hlr_range),
+                          sersic_n_range=tuple(sim.sersic_n_range), q_range=tuple(sim.q_range),
+                          bulge_disk_fraction=bd, bulge_frac_range=BULGE_FRAC_RANGE,
+                          bulge_hlr_ratio_range=BULGE_HLR_RATIO_RANGE).validate()
 
 
 def morph_streams(seed: int, index: int, split: str = "train") -> tuple[np.random.Generator, np.random.Generator]:
@@ -94,6 +125,13 @@ def draw_params(cfg: MorphSetConfig, rng: np.random.Generator) -> dict:
     c = (cfg.size - 1) / 2.0
     cy, cx = c + rng.uniform(-cfg.center_jitter, cfg.center_jitter, 2)
     snr = float(_loguniform(rng, *cfg.snr_range))
+    if cfg.core_fraction > 0:  # drawn after the rest, so that core_fraction=0 keeps the original streams
+        core = bool(rng.random() < cfg.core_fraction)
+        hlr_c = float(_loguniform(rng, *cfg.core_hlr_range)) / cfg.pixel_scale
+        q_c = float(rng.uniform(*cfg.core_q_range))
+        n_c = _grid(rng.uniform(*cfg.core_sersic_n_range), SERSIC_N_STEP, *cfg.core_sersic_n_range)
+        if core:
+            hlr, q, n = hlr_c, q_c, n_c
     return dict(psf_fwhm=fwhm, psf_beta=beta, hlr=hlr, q=q, angle=angle, sersic_n=1.0 if bd else n,
                 bulge_frac=bf if bd else 0.0, bulge_hlr_ratio=ratio if bd else 0.4, is_bd=bd,
                 y=float(cy), x=float(cx), snr=snr)
@@ -197,7 +235,7 @@ class MorphPool:
         return _collate([_sample(self.scenes[i], rng, int(t), float(s)) for i, t, s in zip(pick, trans, snr)])
 
 
-__all__ = ["MorphSetConfig", "MorphPool", "make_morph_batch", "draw_params", "render_galaxy", "morph_streams"]
+__all__ = ["MorphSetConfig", "MorphPool", "make_morph_batch", "mosaic_population", "draw_params", "render_galaxy", "morph_streams"]
 
 
 def _register() -> None:

@@ -253,22 +253,38 @@ def calibrate(model, x: np.ndarray, batch: dict, target: float = 0.6827) -> np.n
     return scales
 
 
-def calibrate_weights(src, dst, n: int = 3000, seed: int = 7, bins: int = 4, description: str | None = None,
-                      extra: dict | None = None) -> dict:
+def coverage_per_bin(model, x: np.ndarray, batch: dict) -> list[dict]:
+    """Fraction of truths inside each parameter's 68 % interval (``_CAL_COLUMNS``) in each of the model's
+    calibration bins (as :meth:`MorphNet.mean_sigma` picks them), with the bin's stamp count ``n``."""
+    err = errors_vs_truth(decode(*predict(model, x)), batch)
+    n_bins = model.sigma_scale.shape[0] if model.sigma_scale.ndim == 2 else 1
+    ls = torch.from_numpy(np.ascontiguousarray(x[:, 1, 0, 0]))
+    which = torch.bucketize(ls, model.cal_edges).numpy() if n_bins > 1 else np.zeros(len(x), int)
+    out = []
+    for b in range(n_bins):
+        sel = which == b
+        out.append({"n": int(sel.sum()), **{c: round(float(np.nanmean(err[c][sel])), 4) for c in _CAL_COLUMNS}})
+    return out
+
+
+def calibrate_weights(src, dst, n: int = 8000, seed: int = 7, bins: int = 6, population=None,
+                      description: str | None = None, extra: dict | None = None) -> dict:
     """Calibrate the sigmas of trained weights ``src`` on ``n`` fresh validation stamps and save them as ``dst``.
 
-    The stamps are ``make_morph_batch(<the card's training-set config>, seed, n, split='val')``: a seed that
-    differs from the training run's, so neither the training pool nor the validation set that picked the
-    best epoch is reused. The card keeps the source's training set, seed and history, and records the
-    scales (``bins`` bins of S/N, via the brightness scale), their data and the coverage before and after
-    (overall), plus ``extra``.
+    The stamps are ``make_morph_batch(population, seed, n, split='val')``, ``population`` by default
+    :func:`~deepmosaic.models.morph_data.mosaic_population` (the galaxies and PSF of the simulated mosaics the
+    stage is used on, S/N 10-500), not the broader training ranges, whose intervals would be too wide here.
+    The 'val' split never shares a draw with the training pool or the benchmark's 'test' split; use a seed
+    that no training run used for validation. Each parameter's sigma gets its own factor in each of ``bins``
+    bins (equal counts) of the log brightness scale (the network's S/N input). The card keeps the source's
+    training set, seed and history, and records the calibration set (config, seed, split, n), the factors,
+    the bin edges and the coverage before and after, per bin, plus ``extra``.
     """
-    from .morph_data import MorphSetConfig, make_morph_batch
-    from .weights_io import read_card, save_model
     from safetensors.torch import load_file
 
+    from .morph_data import _config, make_morph_batch, mosaic_population
     from .registry import build
-    from .weights_io import WeightsError, _base, _sha256, _with
+    from .weights_io import WeightsError, _base, _sha256, _with, read_card, save_model
     card = read_card(src)
     path = _with(_base(src), ".safetensors")
     if _sha256(path) != card["weights"]["sha256"]:
@@ -280,22 +296,19 @@ def calibrate_weights(src, dst, n: int = 3000, seed: int = 7, bins: int = 4, des
     if set(missing) - {"sigma_scale", "cal_edges"} or unexpected:
         raise ValueError(f"{src}: tensors do not fit a MorphNet: missing {missing}, unexpected {unexpected}")
     model.eval()
-    cfg = from_mapping(MorphSetConfig, (card.get("training_set") or {}).get("config") or {}, where="calibration")
+    cfg = mosaic_population() if population is None else _config(population)
     batch = make_morph_batch(cfg, seed=seed, n=n, split="val")
     x = prepare_inputs(batch["image"], batch["psf_fwhm"], batch["psf_beta"])
-
-    def coverage():
-        err = errors_vs_truth(decode(*predict(model, x)), batch)
-        return {c: float(np.nanmean(err[c])) for c in _CAL_COLUMNS}
-
+    scales = calibrate(model, x, batch)   # sets the bin edges too
+    after = coverage_per_bin(model, x, batch)
     model.sigma_scale.fill_(1.0)
-    before = coverage()
-    scales = calibrate(model, x, batch)
-    after = coverage()
+    before = coverage_per_bin(model, x, batch)
+    model.sigma_scale.copy_(torch.from_numpy(scales).to(model.sigma_scale.dtype))
     extra = {**(card.get("extra") or {}), **(extra or {})}
     extra["calibration"] = {"heads": list(_CAL_COLUMNS), "sigma_scale": np.round(scales, 4).tolist(),
-                            "log_brightness_edges": model.cal_edges.tolist()[:bins - 1], "n": n, "seed": seed,
-                            "split": "val", "coverage_before": before, "coverage_after": after}
+                            "log_brightness_edges": model.cal_edges.tolist()[:bins - 1],
+                            "set": {"kind": "morphology", "config": to_dict(cfg), "seed": seed, "split": "val",
+                                    "n": n}, "coverage_before": before, "coverage_after": after}
     new = {"training_set": card.get("training_set"), "seed": card.get("seed"), "metrics": card.get("metrics"),
            "description": description or card.get("description"), "extra": extra}
     return save_model(model.to(memory_format=torch.contiguous_format), dst, new,
@@ -355,4 +368,5 @@ class MorphologyRecipe:
 
 
 __all__ = ["MorphNet", "MorphNetConfig", "MorphologyRecipe", "PARAMS", "prepare_inputs", "brightness_scale",
-           "targets", "nll", "decode", "predict", "errors_vs_truth", "calibrate"]
+           "targets", "nll", "decode", "predict", "errors_vs_truth", "calibrate", "calibrate_weights",
+           "coverage_per_bin"]

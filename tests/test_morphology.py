@@ -9,8 +9,8 @@ from torch import nn
 
 from deepmosaic.models import morph_data as md
 from deepmosaic.models.datasets import dihedral_array
-from deepmosaic.models.morphology import (MorphNetConfig, MorphologyRecipe, calibrate, decode, nll, predict,
-                                          prepare_inputs, targets)
+from deepmosaic.models.morphology import (MorphNetConfig, MorphologyRecipe, calibrate, calibrate_weights,
+                                          coverage_per_bin, decode, nll, predict, prepare_inputs, targets)
 from deepmosaic.models.registry import build
 from deepmosaic.models.weights_io import save_model, shipped
 from deepmosaic.pipeline.config import from_mapping, to_dict
@@ -109,7 +109,74 @@ def test_calibration_finds_the_missing_factor():
     assert scales[0, 4] == pytest.approx(2.0, rel=0.1)
 
 
+def test_calibration_is_per_parameter_and_per_brightness_bin():
+    """Each head's sigma is off by its own factor, different in the two brightness bins: the calibration finds
+    every factor and the calibrated 68 % intervals then cover ~68 % of each parameter in each bin."""
+    f = np.array([[1.5, 2.5, 0.7, 1.0, 3.0], [0.8, 1.2, 2.0, 1.6, 0.6]])
+
+    class Binned(nn.Module):
+        def __init__(self, mu):
+            super().__init__()
+            self.mu = torch.from_numpy(mu)
+            self.register_buffer("sigma_scale", torch.ones(2, 5))
+            self.register_buffer("cal_edges", torch.zeros(1))
+
+        def mean_sigma(self, x):
+            b = torch.bucketize(x[:, 1, 0, 0].contiguous(), self.cal_edges)
+            return self.mu[x[:, 0, 0, 0].long()], 0.05 * self.sigma_scale[b]
+
+    n = 6000
+    rng = np.random.default_rng(4)
+    batch = {"hlr": np.exp(rng.uniform(0, 2, n)), "sersic_n": rng.uniform(0.5, 4, n), "q": rng.uniform(0.3, 0.7, n),
+             "angle": rng.uniform(0, 180, n), "bulge_frac": np.where(np.arange(n) % 2, 0.4, 0.0)}
+    batch["is_bd"] = batch["bulge_frac"] > 0
+    bright = np.arange(n) >= n // 2
+    x = np.zeros((n, 4, 1, 1), np.float32)
+    x[:, 0, 0, 0] = np.arange(n)
+    x[:, 1, 0, 0] = np.where(bright, rng.uniform(2, 3, n), rng.uniform(0, 1, n))   # log brightness scale
+    head_of_mean = [0, 1, 2, 3, 3, 4]          # log hlr, log n, q, cos, sin (one sigma), B/T
+    sd = 0.05 * f[bright.astype(int)][:, head_of_mean]
+    mu = (targets(batch)[:, :6] + rng.normal(0, 1, (n, 6)) * sd).astype(np.float32)
+    model = Binned(mu)
+    scales = calibrate(model, x, batch)
+    assert 1.0 < float(model.cal_edges[0]) < 2.0
+    np.testing.assert_allclose(scales, f, rtol=0.12)
+    for row in coverage_per_bin(model, x, batch):
+        assert row["n"] == n // 2
+        assert all(abs(row[c] - 0.6827) < 0.02 for c in ("r_in", "n_in", "q_in", "pa_in", "bt_in")), row
+
+
+def test_calibrate_weights_records_the_validation_set_and_coverage(tiny_weights, tmp_path):
+    card = calibrate_weights(tiny_weights, tmp_path / "cal", n=160, seed=11, bins=2)
+    cal = card["extra"]["calibration"]
+    assert np.array(cal["sigma_scale"]).shape == (2, 5) and len(cal["log_brightness_edges"]) == 1
+    assert cal["set"]["split"] == "val" and cal["set"]["seed"] == 11 and cal["set"]["n"] == 160
+    assert cal["set"]["config"] == to_dict(md.mosaic_population())      # the mosaics' galaxies, not training's
+    assert [row["n"] for row in cal["coverage_after"]] == [80, 80]
+    for row in cal["coverage_after"]:
+        assert abs(row["r_in"] - 0.6827) < 0.03 and abs(row["q_in"] - 0.6827) < 0.03
+    from deepmosaic.models.weights_io import load_model
+    model = load_model(tmp_path / "cal")
+    np.testing.assert_allclose(model.sigma_scale.numpy(), np.array(cal["sigma_scale"]), rtol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------- training set
+
+def test_mosaic_population_and_core_fraction():
+    sim_like = md.mosaic_population()
+    assert sim_like.hlr_range == (0.3, 1.5) and sim_like.psf_fwhm_range == (0.7, 0.7)
+    assert sim_like.bulge_frac_range == (0.1, 0.7) and sim_like.snr_range == (10.0, 500.0)
+    # core_fraction=0 draws nothing more: the streams of every existing seed are unchanged
+    a, b = md.make_morph_batch(n=20, seed=3), md.make_morph_batch({"core_fraction": 0.0}, n=20, seed=3)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    c = md.make_morph_batch({"core_fraction": 1.0, "bulge_disk_fraction": 0.0}, n=60, seed=3)
+    assert 0.3 / 0.2 <= c["hlr"].min() and c["hlr"].max() <= 1.5 / 0.2
+    assert c["sersic_n"].min() >= 0.5 and c["sersic_n"].max() <= 4.0 and c["q"].min() >= 0.3
+    with pytest.raises(ConfigError, match="core_hlr_range"):
+        md.MorphSetConfig(core_hlr_range=(0.1, 1.0)).validate()
+    with pytest.raises(ConfigError, match="core_fraction"):
+        md.MorphSetConfig(core_fraction=1.5).validate()
+
 
 def test_batches_are_seeded_per_stamp_and_split():
     a = md.make_morph_batch(n=3, seed=2)
