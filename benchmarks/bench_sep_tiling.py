@@ -738,6 +738,18 @@ def crop_for(path, s, size, workdir):
     return path if s == size else crop_mosaic(path, s, os.path.join(workdir, f"crop_{s}_of_{os.path.basename(path)}"))
 
 
+def _reexec_with_malloc(mode: str):
+    """glibc reads its malloc variables at start-up: restart this process once with them set (or unset)."""
+    from deepmosaic.pipeline.execute import WORKER_MALLOC_ENV
+    want = dict(WORKER_MALLOC_ENV) if mode == "tuned" else {}
+    have = {k: os.environ[k] for k in WORKER_MALLOC_ENV if k in os.environ}
+    if have == want or os.environ.get("_DM_BENCH_REEXEC"):
+        return
+    env = {k: v for k, v in os.environ.items() if k not in WORKER_MALLOC_ENV}
+    env.update(want, _DM_BENCH_REEXEC="1")
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -760,9 +772,15 @@ def main(argv=None):
     ap.add_argument("--_probe", choices=["tiled", "whole"], help=argparse.SUPPRESS)
     ap.add_argument("--_probe-input", help=argparse.SUPPRESS)
     ap.add_argument("--_probe-workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--malloc", choices=["tuned", "glibc"], default="tuned",
+                    help="allocator of this process (the whole-image baseline, the client, the serial profile): "
+                         "'tuned' = the settings the pipeline gives its workers (pipeline.execute."
+                         "WORKER_MALLOC_ENV), so both sides run with the same allocator; 'glibc' = glibc's "
+                         "defaults (the baseline then pays a page fault per fresh large buffer)")
     args = ap.parse_args(argv)
     if args._probe:
         return probe_main(args)
+    _reexec_with_malloc(args.malloc)
 
     QUIET["max_wait"] = args.wait_quiet
     from deepmosaic.pipeline.simulate import SimConfig
@@ -773,6 +791,10 @@ def main(argv=None):
     mpix = size * size / 1e6
     say(f"bench_sep_tiling: {size}x{size} ({mpix:.1f} Mpix), tile {tile}, {workers} workers, density {density:g}/Mpix, "
         f"seed {args.seed}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; workdir {workdir}")
+    from deepmosaic.pipeline.execute import WORKER_MALLOC_ENV, worker_spawn_environ
+    say(f"allocator: this process {args.malloc} "
+        f"({ {k: os.environ.get(k, 'unset') for k in WORKER_MALLOC_ENV} }); Dask workers "
+        f"{ {k: worker_spawn_environ()[k] for k in WORKER_MALLOC_ENV} }")
     try:
         # 1. simulate -------------------------------------------------------------------------------
         path = ensure_simulation(workdir, size, density, args.seed)

@@ -143,6 +143,28 @@ def _worker_env():
         os.environ.setdefault(k, "1")
 
 
+# glibc malloc settings for process workers. A tile's arrays (a few MB to a few tens of MB each) are
+# allocated and freed dozens of times per tile; with glibc's defaults each one is a fresh mmap whose pages
+# the kernel faults in and zeroes, and with Dask's own default (MALLOC_TRIM_THRESHOLD_=65536) the heap is
+# also handed back to the kernel after every free. Measured on the 8192^2 benchmark field: bare tiled
+# extraction in one process 7.5 s with glibc's defaults, 10.0 s with Dask's, 5.9 s with these (system time
+# 1.8 / 4.3 / 0.3 s); two workers faulting at once contend further. Arrays above 64 MiB (whole-mosaic
+# buffers, which tile workers never hold) are still mapped and returned at once, and at most 256 MiB of
+# freed heap is kept per worker. Values the user exported win.
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+                     "MALLOC_TOP_PAD_": str(16 << 20)}
+
+
+def worker_spawn_environ() -> dict:
+    """Dask's ``distributed.nanny.pre-spawn-environ`` for our workers: Dask's own entries, our malloc
+    settings over its trim threshold, and any of those variables the user exported."""
+    import dask
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    env.update(WORKER_MALLOC_ENV)
+    env.update({k: os.environ[k] for k in WORKER_MALLOC_ENV if k in os.environ})
+    return env
+
+
 def _quiet_distributed():
     """Dask's own INFO chatter (workers starting/stopping) would drown our log; keep its errors."""
     for name in list(logging.root.manager.loggerDict):
@@ -177,7 +199,8 @@ def executor(workers: int | None = None, scheduler: str | None = None, security=
         return
     n = workers or os.cpu_count() or 1
     _worker_env()
-    with dask.config.set({"distributed.worker.daemon": False, "distributed.logging.distributed": "error"}):
+    with dask.config.set({"distributed.worker.daemon": False, "distributed.logging.distributed": "error",
+                          "distributed.nanny.pre-spawn-environ": worker_spawn_environ()}):
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
                                dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
         client = Client(cluster)

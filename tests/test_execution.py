@@ -50,3 +50,26 @@ def test_tile_tasks_carry_no_pixels(image):
     size = len(pickle.dumps(args))
     assert size < 100_000, f"{size} bytes per task"
     assert size < mosaic.shape[0] * mosaic.shape[1] * 4 / 20
+
+
+def _malloc_env():
+    import os
+    from deepmosaic.pipeline.execute import WORKER_MALLOC_ENV
+    return {k: os.environ.get(k) for k in WORKER_MALLOC_ENV}
+
+
+def test_local_workers_get_the_allocator_settings_and_user_values_win(monkeypatch):
+    """Local process workers start with the malloc settings (each a fresh mmap + page faults per tile
+    buffer otherwise, and Dask's own trim threshold hands the heap back after every free); values the user
+    exported override ours, and Dask's other pre-spawn variables are kept."""
+    from deepmosaic.pipeline.execute import WORKER_MALLOC_ENV, executor, worker_spawn_environ
+    for k in WORKER_MALLOC_ENV:
+        monkeypatch.delenv(k, raising=False)
+    env = worker_spawn_environ()
+    assert {k: env[k] for k in WORKER_MALLOC_ENV} == WORKER_MALLOC_ENV
+    assert int(env["MALLOC_TRIM_THRESHOLD_"]) > 65536  # not Dask's default
+    assert env.get("OMP_NUM_THREADS") in (1, "1")  # Dask's own entries stay
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")
+    with executor(workers=1) as ex:
+        seen = list(ex.client.run(_malloc_env).values())
+    assert seen == [{**WORKER_MALLOC_ENV, "MALLOC_TRIM_THRESHOLD_": "1048576"}]

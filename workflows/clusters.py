@@ -18,7 +18,8 @@ import tempfile
 from urllib.parse import urlparse
 
 from deepmosaic.pipeline.errors import ConfigError
-from deepmosaic.pipeline.execute import DaskExecutor, SyncExecutor, _quiet_distributed, _worker_env
+from deepmosaic.pipeline.execute import (DaskExecutor, SyncExecutor, _quiet_distributed, _worker_env,
+                                         worker_spawn_environ)
 
 from .spec import ClusterSpec, inside
 
@@ -89,7 +90,8 @@ def _local(spec: ClusterSpec, output: str):
     from distributed import Client
     _quiet_distributed()
     _worker_env()
-    with dask.config.set({"distributed.worker.daemon": False}):
+    with dask.config.set({"distributed.worker.daemon": False,
+                          "distributed.nanny.pre-spawn-environ": worker_spawn_environ()}):
         cluster = local_cluster(spec, output)
     try:
         client = Client(cluster, security=cluster.security)
