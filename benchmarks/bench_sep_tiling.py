@@ -346,7 +346,7 @@ def client_side_timers():
     tm.wrap(st, "create_store", "create store (client)")
     tm.wrap(runner, "compute_background", "background pass incl. mesh filter (client+workers)")
     tm.wrap(st, "write_background", "write background model (client)")
-    tm.wrap(st, "set_status", "tile status writes (client, inside the tile loop)")
+    tm.wrap(st, "status_array", "tile status grid opens (client)")
     tm.wrap(st, "get_status", "status reads (client)")
     tm.wrap(st, "read_part", "catalog assembly: read parts (client)")
     tm.wrap(runner, "_concat_parts", "catalog assembly: concatenate (client)")
@@ -563,6 +563,7 @@ def profile_serial(path: str, tile_size: int, workdir: str) -> tuple[dict, dict,
         t0.wrap(runner, "measure_meshes", "measure")  # runner imported the name
         meshes = []
         tb = time.perf_counter()
+        status_out = st.status_array(store, "status")
         for tile in tiles:
             meshes.append(runner.background_tile(mosaic.detection, tile, bs["back_size"], grid.shape))
         T.t["0 background pass: per-tile total"] += time.perf_counter() - tb
@@ -604,11 +605,12 @@ def profile_serial(path: str, tile_size: int, workdir: str) -> tuple[dict, dict,
         t1._undo.append((st, "write_core", orig_write_core))
         t1.wrap(st, "write_part", "write_part")
         tb = time.perf_counter()
+        status_out = st.status_array(store, "status")
         for tile in tiles:
             r = runner.process_tile(store, mosaic, tasks, model, grid, tile)
             if r["status"] == st.STATUS_FAILED:
                 raise RuntimeError(r["traceback"])
-            st.set_status(store, "status", tile.row, tile.col, r["status"])
+            status_out[tile.row, tile.col] = r["status"]
         tot = time.perf_counter() - tb
         c = t1.t
         T.t["1 tile pass: per-tile total"] += tot
@@ -640,6 +642,7 @@ def profile_serial(path: str, tile_size: int, workdir: str) -> tuple[dict, dict,
             maps[idx] = m
         ts = time.perf_counter() - tb
         tb = time.perf_counter()
+        status_out = st.status_array(store, "status")
         for tile in tiles:
             if len(maps[tile.index]):
                 runner.relabel_tile(store, "sep", "segmentation", tile, maps[tile.index])

@@ -470,9 +470,10 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
         results = ex.map_unordered(process_tile, args, resources=parts[0][1])
     else:
         results = ex.map_chain(process_tile, args, [({"stages": span}, res) for span, res in parts])
+    status_out = st.status_array(out, "status")
     for i, res in results:
         t = todo[i]
-        st.set_status(out, "status", t.row, t.col, res["status"])
+        status_out[t.row, t.col] = res["status"]
         if res["status"] == st.STATUS_FAILED:
             failures.append({"tile": [t.row, t.col], "error": res["error"]})
             log.warning("tile %d,%d failed: %s", t.row, t.col, res["error"])
@@ -496,7 +497,8 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
             for _, (_, n_unres) in ex.map_unordered(relabel_tile, jobs):
                 unresolved += n_unres
         for t in ready:
-            st.set_status(out, "stitched", t.row, t.col, 1)
+            stitched[t.row, t.col] = 1
+        st.status_array(out, "stitched")[...] = stitched
 
     # pass 3: catalogs
     n_objects = {}

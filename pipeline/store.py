@@ -118,8 +118,10 @@ def read_map_pixels(path: str, stage: str, name: str, ys, xs) -> np.ndarray:
     return arr.get_coordinate_selection((np.asarray(ys), np.asarray(xs)))
 
 
-def set_status(path: str, name: str, row: int, col: int, value: int):
-    zarr.open_array(f"{path}/tiles/{name}", mode="r+")[row, col] = value
+def status_array(path: str, name: str = "status"):
+    """The per-tile status grid ``name``, opened for writing (the client is its one writer): open it once
+    and assign ``[row, col]`` per finished tile, instead of re-reading its metadata for every tile."""
+    return zarr.open_array(f"{path}/tiles/{name}", mode="r+")
 
 
 def get_status(path: str, name: str = "status") -> np.ndarray:
