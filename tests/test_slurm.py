@@ -1,16 +1,19 @@
 """HPC mode through a real batch scheduler: a simulated mosaic processed by Dask workers running as Slurm
 jobs (TLS with temporary credentials) gives the same store as an in-process run. Needs the single-node
 Slurm of `make slurm-up` (.ci/run starts it); skips with the reason where Slurm is not up."""
+import ast
 import os
 import shutil
 import stat
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 import zarr
 
 from deepmosaic.pipeline.config import from_mapping
+from deepmosaic.pipeline.execute import WORKER_MALLOC_ENV
 from deepmosaic.pipeline.simulate import SimConfig, simulate_mosaic
 from deepmosaic.pipeline.store import read_catalog
 from deepmosaic.pipeline.truth import write_simulation
@@ -62,6 +65,13 @@ def test_batch_job_script_from_the_workflow(tmp_path, kind):
         assert line in script, (line, script)
     key = next(a for a in script.split() if ".worker.key." in a)
     assert os.path.dirname(key) == str(secrets) and stat.S_IMODE(os.stat(secrets).st_mode) == 0o700
+    # the batch workers get the local workers' allocator settings through the nanny's pre-spawn environment
+    export = next(line for line in script.splitlines() if "PRE_SPAWN_ENVIRON" in line)
+    shown = subprocess.run(["bash", "-c", f"{export}; {sys.executable} -c 'import dask, distributed; "
+                            f"print(dict(dask.config.get(\"distributed.nanny.pre-spawn-environ\")))'"],
+                           capture_output=True, text=True, check=True).stdout
+    env = ast.literal_eval(shown.strip())
+    assert {k: env[k] for k in WORKER_MALLOC_ENV} == WORKER_MALLOC_ENV and env["OMP_NUM_THREADS"] in (1, "1")
 
 
 @pytest.mark.slurm
@@ -94,3 +104,20 @@ def test_mosaic_through_slurm_jobs_equals_a_local_run(tmp_path):
     for name in ("segmentation", "background"):
         np.testing.assert_array_equal(zarr.open_array(f"{a}/maps/sep/{name}")[...],
                                       zarr.open_array(f"{b}/maps/sep/{name}")[...])
+
+
+@pytest.mark.slurm
+def test_slurm_workers_get_the_allocator_settings(tmp_path):
+    """Workers started as Slurm jobs run with the same malloc settings as local workers."""
+    why = _slurm_idle()
+    if why:
+        pytest.skip(why)
+    from deepmosaic.workflows.clusters import open_executor
+    spec = parse_workflow({"inputs": ["x.fits"], "output": "out", "stages": ["sep"],
+                           "cluster": {"kind": "slurm", "queue": "debug", "jobs": 1, "cores": 1, "memory": "1GB",
+                                       "walltime": "00:05:00", "interface": "lo", "timeout": 120}},
+                          path=str(tmp_path / "w.yaml")).cluster
+    keys = tuple(WORKER_MALLOC_ENV)
+    with open_executor(spec, str(tmp_path / "out")) as ex:  # a lambda travels by value, not by module name
+        seen = list(ex.client.run(lambda: {k: __import__("os").environ.get(k) for k in keys}).values())
+    assert seen and all(s == WORKER_MALLOC_ENV for s in seen), seen

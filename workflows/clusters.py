@@ -131,6 +131,15 @@ def _address(spec: ClusterSpec):
         client.close()
 
 
+def _malloc_prologue() -> str:
+    """Job-script line giving the batch workers the allocator settings of local workers (through Dask's
+    nanny pre-spawn environment, merged with Dask's own entries); a later prologue line of the workflow
+    file can override it."""
+    from deepmosaic.pipeline.execute import WORKER_MALLOC_ENV
+    env = {k: worker_spawn_environ()[k] for k in WORKER_MALLOC_ENV}
+    return f'export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="{env!r}"'
+
+
 def jobqueue_kwargs(spec: ClusterSpec, output: str, secrets: str | None) -> dict:
     """Keyword arguments of ``SLURMCluster`` / ``SGECluster`` from the workflow's cluster resources."""
     directives = list(spec.job_directives)
@@ -141,7 +150,8 @@ def jobqueue_kwargs(spec: ClusterSpec, output: str, secrets: str | None) -> dict
             directives.append("--gres=gpu:1")
     kw = dict(cores=spec.cores, processes=spec.processes, memory=spec.memory, walltime=spec.walltime,
               queue=spec.queue, job_extra_directives=directives,
-              job_script_prologue=list(spec.job_script_prologue), worker_extra_args=extra_args,
+              job_script_prologue=[_malloc_prologue()] + list(spec.job_script_prologue),
+              worker_extra_args=extra_args,
               local_directory=inside(output, spec.local_directory, "cluster.local_directory"),
               log_directory=inside(output, spec.log_directory, "cluster.log_directory"),
               python=spec.python or sys.executable, interface=spec.interface,
