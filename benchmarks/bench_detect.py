@@ -13,8 +13,9 @@ dense      12000 objects/Mpix: twice the densest training crop
 
 Both stages run on the same tiles in one store (``sep,detect``, 512 px tiles, one process); the evaluation
 is ``deepmosaic evaluate``'s (one-to-one Hungarian within 2 px; S/N >= 10 keys; AP50, blend and close-pair
-recall from ``pipeline/eval_detect.py``), pooled over the fields of a condition. The detection threshold
-is the stage's shipped default (``DetectConfig.threshold``), fixed before any of these fields was made.
+recall from ``pipeline/eval_detect.py``), pooled over the fields of a condition. The operating point
+(``DetectConfig.threshold``, ``saddle``, ``wing_radius``, ``wing_nsigma``) is the stage's shipped default,
+chosen by ``tune_detect.py`` on validation fields (seeds 8001+) before these fields were scored.
 
 Speed (first nominal field): the pipeline with ``detect`` alone and with ``sep`` alone (Mpix/s of the
 whole run: background, tiles, catalogs), the stage's ``run`` on the whole field as one window, and a bare
@@ -204,8 +205,10 @@ def main(argv=None) -> int:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="bench_detect_")
         work = Path(tmp.name)
-    print(f"detect threshold (shipped default, fixed in advance): {DetectConfig().threshold}; "
-          f"fields {a.size}^2, seeds from {SEED0}; torch threads {torch.get_num_threads()}")
+    d = DetectConfig()
+    print(f"detect operating point (shipped defaults, chosen on validation fields by tune_detect.py before this "
+          f"run): threshold {d.threshold}, saddle {d.saddle}, wing_radius {d.wing_radius}, wing_nsigma "
+          f"{d.wing_nsigma}; fields {a.size}^2, seeds from {SEED0}; torch threads {torch.get_num_threads()}")
     try:
         table = []
         first = None

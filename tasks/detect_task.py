@@ -138,8 +138,9 @@ class DetectConfig:
     stage_name = "detect"
     weights: str | None = field(None, "Weights file (NAME, NAME.safetensors or NAME.json with its model card); "
                                       "None: the shipped default models/weights/detect.")
-    threshold: float = field(0.4, "Minimum objectness score of a peak (chosen on development fields before the "
-                                  "held-out benchmark; see the README's detect section).")
+    threshold: float = field(0.35, "Minimum objectness score of a peak (chosen with saddle and the wing test on "
+                                   "validation fields by benchmarks/tune_detect.py; see the README's detect "
+                                   "section).")
     saddle: float = field(0.9, "Merge two peaks when the heatmap's minimum on the segment between them is >= "
                                "this fraction of the lower peak (1 disables merging).")
     batch_size: int = field(8, "Patches per forward call.")
@@ -156,6 +157,10 @@ class DetectConfig:
                                           "checked.")
     min_psf_stars: int = field(3, "Compact bright objects needed to estimate the tile's PSF FWHM (fewer: no "
                                   "PSF check).")
+    wing_radius: float = field(6.0, "Peaks closer than this (px) to a brighter one are tested for being only "
+                                    "its wing (mirror-symmetry test, see wing_peaks); 0 disables the test.")
+    wing_nsigma: float = field(4.0, "A peak on a brighter object's wing is kept when its smoothed image exceeds "
+                                    "the mirrored point's by at least this many noise sigmas.")
     saturation_reach: float = field(5.0, "Peaks within a saturated core's radius + this many px are merged into "
                                          "one detection at the core's centre.")
 
@@ -172,6 +177,9 @@ class DetectConfig:
         require(self.min_psf_stars >= 1, w, "min_psf_stars", self.min_psf_stars, "must be >= 1.")
         require(self.zeropoint is None or (isinstance(self.zeropoint, (int, float)) and -100 < self.zeropoint < 100),
                 w, "zeropoint", self.zeropoint, "a magnitude zeropoint, e.g. 30, or None.")
+        require(0 <= self.wing_radius <= 32, w, "wing_radius", self.wing_radius,
+                "must be in [0, 32] px (0 disables the wing test), e.g. 8.")
+        require(0 <= self.wing_nsigma <= 100, w, "wing_nsigma", self.wing_nsigma, "must be in [0, 100], e.g. 3.")
         require(0 <= self.saturation_reach <= 100, w, "saturation_reach", self.saturation_reach,
                 "must be in [0, 100] px, e.g. 5.")
 
@@ -284,6 +292,46 @@ def find_peaks(heat: np.ndarray, threshold: float, saddle: float, mask: np.ndarr
                     merged[i] += 1
                     break
     return iy[keep], ix[keep], merged[keep]
+
+
+def wing_peaks(x: np.ndarray, iy, ix, offset: np.ndarray, radius: float, nsigma: float,
+               smooth: float = 1.0) -> np.ndarray:
+    """Peaks that are only the wing of a brighter object: boolean ``[n]``, True = drop.
+
+    A centrally symmetric object (a PSF, a Sersic or bulge + disc galaxy) has the same light at ``c + v``
+    and ``c - v``. For every pair of peaks closer than ``radius`` px, the one fainter in the smoothed image
+    (``x`` convolved with a Gaussian of ``smooth`` px; ``x`` in units of the noise) is tested against the
+    brighter one's centre ``c`` (peak pixel + ``offset``, the offset head ``[2, H, W]``): its excess over
+    the mirrored point ``2c - p`` (bilinear) must be at least ``nsigma`` times the noise of that difference,
+    else it is light that the brighter object puts there anyway (the network's weak peaks on the wings of
+    bright objects) and is dropped. A real neighbour adds its own light at ``p`` and not at ``2c - p``.
+    Mirrored points outside the window are not tested (kept).
+    """
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+    iy, ix = np.asarray(iy, int), np.asarray(ix, int)
+    drop = np.zeros(len(iy), bool)
+    if radius <= 0 or len(iy) < 2:
+        return drop
+    sm = ndimage.gaussian_filter(x.astype(np.float32), smooth, mode="constant", truncate=3.0)
+    # a smoothed unit white noise has sigma 1 / (2 sqrt(pi) s); the difference of two such points sqrt(2) that
+    sigma_diff = math.sqrt(2.0) / (2.0 * math.sqrt(math.pi) * smooth)
+    val = sm[iy, ix]
+    pairs = cKDTree(np.c_[iy, ix]).query_pairs(radius, output_type="ndarray")
+    if not len(pairs):
+        return drop
+    a, b = pairs[:, 0], pairs[:, 1]
+    bright = np.where(val[a] >= val[b], a, b)
+    faint = np.where(val[a] >= val[b], b, a)
+    cy = iy[bright] + offset[0, iy[bright], ix[bright]]
+    cx = ix[bright] + offset[1, iy[bright], ix[bright]]
+    my, mx = 2 * cy - iy[faint], 2 * cx - ix[faint]
+    H, W = x.shape
+    inside = (my >= 0) & (my <= H - 1) & (mx >= 0) & (mx <= W - 1)
+    mirror = ndimage.map_coordinates(sm, [my[inside], mx[inside]], order=1, mode="nearest")
+    wing = val[faint[inside]] - mirror < nsigma * sigma_diff
+    drop[faint[inside][wing]] = True
+    return drop
 
 
 def saturated_cores(image: np.ndarray, x: np.ndarray, mask: np.ndarray, rim_snr: float = 20.0):
@@ -459,7 +507,11 @@ class DetectTask(ModelTask):
 
     @property
     def halo(self) -> int:
-        return self.network_info()["halo"] + 16
+        # peaks and the saddle test need 16 px; the wing test compares a core peak with peaks up to
+        # wing_radius away (themselves 16 px from the edge) and with its mirror up to 2 wing_radius away
+        # (+ 3 px of smoothing kernel, + 1 of interpolation)
+        r = math.ceil(self.config.wing_radius)
+        return self.network_info()["halo"] + (max(16 + r, 2 * r + 4) if r > 0 else 16)
 
     def fingerprint(self) -> dict:
         fp = super().fingerprint()
@@ -504,6 +556,9 @@ class DetectTask(ModelTask):
         heat = heat.astype(np.float32)
         heat[peak_mask] = 0.0
         iy, ix, merged = find_peaks(heat, cfg.threshold, cfg.saddle, peak_mask)
+        if cfg.wing_radius > 0:
+            keep = ~wing_peaks(x, iy, ix, out["offset"], cfg.wing_radius, cfg.wing_nsigma)
+            iy, ix, merged = iy[keep], ix[keep], merged[keep]
         sat_pos = {}
         for yc, xc, r in cores:
             near = np.flatnonzero(np.hypot(iy - yc, ix - xc) <= r + cfg.saturation_reach)
