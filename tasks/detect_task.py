@@ -14,6 +14,10 @@
        >= ``saddle`` times the lower peak): a flat-topped or ragged blob (a saturated star, a large galaxy)
        is one object, while two real neighbours keep the dip that the training targets (a Gaussian of
        sigma 1 px per object) put between them. Peaks on masked pixels are dropped (no data there).
+       Wing test (:func:`wing_peaks`): of two peaks closer than ``wing_radius``, the one fainter in the
+       smoothed image is dropped when its light is no more than the mirror point's about the brighter one's
+       centre (``wing_nsigma`` noise sigmas): the network puts weak peaks on the wings of bright objects,
+       while a real neighbour adds light on its side only.
        Saturated cores (:func:`saturated_cores`: a plateau of >= 4 pixels at the tile's maximum value, or a
        compact masked blob with a bright rim) make ring-shaped heatmaps with several peaks: every peak
        within the core's radius + ``saturation_reach`` px becomes one detection at the core's centroid
@@ -28,9 +32,9 @@
 
 Ownership, global ids, mosaic coordinates, ra/dec and the mosaic-edge flag are the pipeline's (an object
 belongs to the tile whose core holds its centre). The halo is the network's aligned halo plus 16 px for
-the peak neighbourhood and the saddle test (peaks up to 8 px apart, chains of two), so every peak in a
-core, and everything the stage computes for it except a flux ellipse reaching beyond the window (flagged
-``APER_TRUNC``), is identical to an untiled run.
+the peak neighbourhood and the saddle test (peaks up to 8 px apart, chains of two), more with the wing test
+(:attr:`DetectTask.halo`), so every peak in a core, and everything the stage computes for it except a flux
+ellipse reaching beyond the window (flagged ``APER_TRUNC``), is identical to an untiled run.
 
 Out-of-range inputs
 -------------------
