@@ -6,7 +6,11 @@ truncated profiles, circularised half-light radius of the whole profile, angles 
 from +x), convolved with a truncated Moffat PSF and pixel-integrated by GalSim's FFT path, near the stamp
 centre (uniform sub-pixel offset of up to ``center_jitter`` px per axis), in a ``size`` x ``size`` stamp.
 Images are ``light / noise_sigma + unit-variance Gaussian noise`` (no sky), with the galaxy's matched-filter
-S/N ``sqrt(sum(I**2))`` (over the stamp, noise sigma 1) drawn log-uniform from ``snr_range``.
+S/N ``sqrt(sum(I**2))`` (over the stamp, noise sigma 1) drawn log-uniform from ``snr_range``. With
+``core_fraction`` > 0, that fraction of the galaxies takes its radius, index and axis ratio from the
+``core_*`` sub-ranges (by default the simulated mosaics'), which weights training towards the galaxies the
+stage meets without narrowing the range it is trained on (and flags outside of).
+:func:`mosaic_population` is the mosaics' population itself (held-out benchmark, sigma calibration).
 
 Targets (per stamp): ``hlr`` (px), ``sersic_n`` (the Sersic index; 1 for bulge + disk, where it is not a
 target), ``q``, ``angle`` (deg, [0, 180)), ``bulge_frac`` (B/T; 0 for single Sersic, where it is not a
