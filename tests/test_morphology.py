@@ -294,6 +294,16 @@ def test_pipeline_gives_the_detection_ids_and_evaluates(tiny_weights, tmp_path):
     assert "morphology of morphology" in format_summary(res)
 
 
+def test_shipped_calibration_came_from_validation_stamps_of_the_mosaics():
+    from deepmosaic.models.weights_io import read_card
+    card = read_card(shipped("morphology"))
+    cal = card["extra"]["calibration"]
+    assert cal["set"]["split"] == "val" and cal["set"]["config"] == to_dict(md.mosaic_population())
+    bins = card["config"]["cal_bins"]
+    assert np.array(cal["sigma_scale"]).shape == (bins, 5) and len(cal["coverage_after"]) == bins
+    assert all(abs(row[c] - 0.6827) < 0.01 for row in cal["coverage_after"] for c in cal["heads"])
+
+
 def test_shipped_weights_measure_held_out_galaxies():
     base = shipped("morphology")
     from deepmosaic.models.weights_io import load_model
