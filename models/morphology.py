@@ -253,6 +253,21 @@ def calibrate(model, x: np.ndarray, batch: dict, target: float = 0.6827) -> np.n
     return scales
 
 
+_CAL_BUFFERS = ("sigma_scale", "cal_edges")
+
+
+def load_trained(model, state: dict, where: str) -> None:
+    """Every trained tensor of ``state`` into ``model``, strictly, except the calibration buffers, which are
+    left as they are in ``model`` (their shape follows its ``cal_bins``, whatever the source had)."""
+    state = {k: v for k, v in state.items() if k not in _CAL_BUFFERS}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:     # a tensor of another shape (other widths)
+        raise ValueError(f"{where}: tensors do not fit this MorphNet's config ({e})") from None
+    if set(missing) - set(_CAL_BUFFERS) or unexpected:
+        raise ValueError(f"{where}: tensors do not fit a MorphNet: missing {missing}, unexpected {unexpected}")
+
+
 def coverage_per_bin(model, x: np.ndarray, batch: dict) -> list[dict]:
     """Fraction of truths inside each parameter's 68 % interval (``_CAL_COLUMNS``) in each of the model's
     calibration bins (as :meth:`MorphNet.mean_sigma` picks them), with the bin's stamp count ``n``."""
@@ -290,11 +305,7 @@ def calibrate_weights(src, dst, n: int = 8000, seed: int = 7, bins: int = 6, pop
     if _sha256(path) != card["weights"]["sha256"]:
         raise WeightsError(f"{path}: sha256 differs from its card's; refusing to calibrate it.")
     model = build("morphnet", **{**card["config"], "cal_bins": int(bins)})
-    # every trained tensor, in float32; the calibration buffers are new (their shape follows ``bins``)
-    state = {k: v.float() for k, v in load_file(str(path)).items() if k not in ("sigma_scale", "cal_edges")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if set(missing) - {"sigma_scale", "cal_edges"} or unexpected:
-        raise ValueError(f"{src}: tensors do not fit a MorphNet: missing {missing}, unexpected {unexpected}")
+    load_trained(model, {k: v.float() for k, v in load_file(str(path)).items()}, str(src))
     model.eval()
     cfg = mosaic_population() if population is None else _config(population)
     batch = make_morph_batch(cfg, seed=seed, n=n, split="val")
@@ -342,8 +353,9 @@ class MorphologyRecipe:
                                          start=generation * size)
 
     def init_from(self, model, source) -> None:
-        """``train.init``: continue from a trained MorphNet (every tensor, strictly; the calibration reset)."""
-        model.load_state_dict(source.state_dict())
+        """``train.init``: continue from a trained MorphNet (every tensor, strictly; the calibration buffers
+        are not taken, so a calibrated source with any number of bins fits a new network; sigmas unscaled)."""
+        load_trained(model, source.state_dict(), "train.init")
         model.sigma_scale.fill_(1.0)
 
     def inputs_targets(self, batch: dict):

@@ -160,6 +160,18 @@ def test_calibrate_weights_records_the_validation_set_and_coverage(tiny_weights,
     np.testing.assert_allclose(model.sigma_scale.numpy(), np.array(cal["sigma_scale"]), rtol=1e-3)
 
 
+def test_fine_tuning_takes_the_weights_of_a_calibrated_source_but_not_its_calibration():
+    torch.manual_seed(1)
+    source = build("morphnet", channels=[4] * 7, hidden=8, cal_bins=3)
+    source.sigma_scale.fill_(2.0)
+    model = build("morphnet", channels=[4] * 7, hidden=8)          # cal_bins 1, as train builds it
+    MorphologyRecipe(None).init_from(model, source)
+    assert torch.equal(model.head[0].weight, source.head[0].weight)
+    assert torch.equal(model.sigma_scale, torch.ones(1, 5))
+    with pytest.raises(ValueError, match="train.init"):
+        MorphologyRecipe(None).init_from(build("morphnet", channels=[4] * 7, hidden=16), source)
+
+
 # ------------------------------------------------------------------------------------------- training set
 
 def test_mosaic_population_and_core_fraction():
