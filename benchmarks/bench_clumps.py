@@ -136,10 +136,11 @@ def choose_threshold(a):
     card = read_card(base)
     recipe = RECIPES["clumps"](card["training_set"]["config"])
     model = load_model(base).eval()
-    batch = recipe.batch("val", int(card.get("seed", 0)), a.val_size)
+    val_seed = int(card.get("seed", 0)) if a.val_seed is None else a.val_seed
+    batch = recipe.batch("val", val_seed, a.val_size)
     with torch.inference_mode():
         prob = torch.sigmoid(model(torch.from_numpy(batch["image"]))).numpy()
-    print(f"threshold sweep on {a.val_size} validation canvases ({base}):")
+    print(f"threshold sweep on {a.val_size} validation canvases (split 'val', seed {val_seed}; {base}):")
     best = None
     for thr in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
         recipe.threshold = thr
@@ -183,6 +184,9 @@ def main():
                    help="only sweep the threshold on the training recipe's validation canvases")
     p.add_argument("--weights", default=None, help="clumps weights (default: the shipped ones)")
     p.add_argument("--val-size", type=int, default=192)
+    p.add_argument("--val-seed", type=int, default=None,
+                   help="seed of the validation canvases (default: the weights' training seed); give one seed "
+                        "to compare two sets of weights on the same canvases")
     a = p.parse_args()
     if a.choose_threshold:
         return choose_threshold(a)
