@@ -74,3 +74,37 @@ def test_tuning_rule_maximises_f1_under_the_purity_floor():
             for sad in (0.8, 1.0, 0.9) for rad in (8.0, 6.0)]
     best = choose(rows)[0]
     assert (best["saddle"], best["wing_radius"]) == (0.9, 6.0)
+
+
+def test_window_with_the_stage_halo_gives_the_untiled_detections():
+    """Tiled == untiled with the wing test on: a window of the core plus the stage's halo gives the untiled
+    detections in the core (the test looks up to 2 wing_radius from a peak, inside that halo)."""
+    from deepmosaic.pipeline.simulate import SimConfig, simulate_mosaic
+    from deepmosaic.tasks.base import TileInput
+    sim = simulate_mosaic(SimConfig(size=(320, 320), seed=3, density=4000.0, mag_range=(17.0, 25.0)))
+    rms = np.sqrt(sim.variance).astype(np.float32)
+
+    def window(y0, y1, x0, x1):
+        sl = (slice(y0, y1), slice(x0, x1))
+        return TileInput(image=sim.image[sl], background=sim.sky[sl].astype(np.float32), rms=rms[sl],
+                         global_rms=float(np.median(rms)), mask=sim.mask[sl] != 0, variance=None,
+                         origin=(y0, x0), core=(slice(0, y1 - y0), slice(0, x1 - x0)))
+
+    settings = {"threshold": 0.15, "wing_radius": 8.0}   # a low threshold: many wing peaks to test
+    task = DetectTask(settings)
+    full = task.run(window(0, 320, 0, 320)).catalog
+    c0, c1 = 100, 220                                   # core [100, 220)^2 and the halo around it
+    h = task.halo
+    lo, hi = max(c0 - h, 0), min(c1 + h, 320)
+    part = task.run(window(lo, hi, lo, hi)).catalog
+
+    def in_core(cat, off):
+        y, x = np.asarray(cat["y"]) + off, np.asarray(cat["x"]) + off
+        sel = (y >= c0 - 0.5) & (y < c1 - 0.5) & (x >= c0 - 0.5) & (x < c1 - 0.5)
+        return np.c_[y[sel], x[sel]][np.lexsort((x[sel], y[sel]))]
+
+    a, b = in_core(full, 0), in_core(part, lo)
+    assert len(a) >= 10 and a.shape == b.shape and np.allclose(a, b, atol=1e-6)
+    # the test engaged: without it the core holds more peaks
+    off = DetectTask({**settings, "wing_radius": 0.0})
+    assert len(in_core(off.run(window(0, 320, 0, 320)).catalog, 0)) > len(a)
