@@ -794,10 +794,9 @@ def main(argv=None):
     mpix = size * size / 1e6
     say(f"bench_sep_tiling: {size}x{size} ({mpix:.1f} Mpix), tile {tile}, {workers} workers, density {density:g}/Mpix, "
         f"seed {args.seed}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; workdir {workdir}")
-    from deepmosaic.pipeline.execute import WORKER_MALLOC_ENV, worker_spawn_environ
+    from deepmosaic.pipeline.execute import WORKER_MALLOC_ENV, worker_malloc_env
     say(f"allocator: this process {args.malloc} "
-        f"({ {k: os.environ.get(k, 'unset') for k in WORKER_MALLOC_ENV} }); Dask workers "
-        f"{ {k: worker_spawn_environ()[k] for k in WORKER_MALLOC_ENV} }")
+        f"({ {k: os.environ.get(k, 'unset') for k in WORKER_MALLOC_ENV} }); Dask workers {worker_malloc_env()}")
     try:
         # 1. simulate -------------------------------------------------------------------------------
         path = ensure_simulation(workdir, size, density, args.seed)

@@ -155,14 +155,23 @@ WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRES
                      "MALLOC_TOP_PAD_": str(16 << 20)}
 
 
+def worker_malloc_env() -> dict:
+    """The malloc variables our workers start with: ``WORKER_MALLOC_ENV``, where the user exported none."""
+    return {k: os.environ.get(k, v) for k, v in WORKER_MALLOC_ENV.items()}
+
+
 def worker_spawn_environ() -> dict:
-    """Dask's ``distributed.nanny.pre-spawn-environ`` for our workers: Dask's own entries, our malloc
-    settings over its trim threshold, and any of those variables the user exported."""
+    """Dask's ``distributed.nanny.pre-spawn-environ`` for our workers: Dask's own entries, with our malloc
+    settings (:func:`worker_malloc_env`) over its trim threshold."""
     import dask
-    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-    env.update(WORKER_MALLOC_ENV)
-    env.update({k: os.environ[k] for k in WORKER_MALLOC_ENV if k in os.environ})
-    return env
+    return {**(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}), **worker_malloc_env()}
+
+
+def local_worker_config() -> dict:
+    """Dask config under which a local cluster starts its process workers: single-threaded BLAS/OpenMP
+    (:func:`_worker_env`), non-daemon workers (they may start processes), our pre-spawn environment."""
+    _worker_env()
+    return {"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": worker_spawn_environ()}
 
 
 def _quiet_distributed():
@@ -198,9 +207,7 @@ def executor(workers: int | None = None, scheduler: str | None = None, security=
             client.close()
         return
     n = workers or os.cpu_count() or 1
-    _worker_env()
-    with dask.config.set({"distributed.worker.daemon": False, "distributed.logging.distributed": "error",
-                          "distributed.nanny.pre-spawn-environ": worker_spawn_environ()}):
+    with dask.config.set({**local_worker_config(), "distributed.logging.distributed": "error"}):
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
                                dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
         client = Client(cluster)

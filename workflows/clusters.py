@@ -18,8 +18,8 @@ import tempfile
 from urllib.parse import urlparse
 
 from deepmosaic.pipeline.errors import ConfigError
-from deepmosaic.pipeline.execute import (DaskExecutor, SyncExecutor, _quiet_distributed, _worker_env,
-                                         worker_spawn_environ)
+from deepmosaic.pipeline.execute import (DaskExecutor, SyncExecutor, _quiet_distributed, local_worker_config,
+                                         worker_malloc_env)
 
 from .spec import ClusterSpec, inside
 
@@ -89,9 +89,7 @@ def _local(spec: ClusterSpec, output: str):
     import dask
     from distributed import Client
     _quiet_distributed()
-    _worker_env()
-    with dask.config.set({"distributed.worker.daemon": False,
-                          "distributed.nanny.pre-spawn-environ": worker_spawn_environ()}):
+    with dask.config.set(local_worker_config()):
         cluster = local_cluster(spec, output)
     try:
         client = Client(cluster, security=cluster.security)
@@ -135,9 +133,7 @@ def _malloc_prologue() -> str:
     """Job-script line giving the batch workers the allocator settings of local workers (through Dask's
     nanny pre-spawn environment, merged with Dask's own entries); a later prologue line of the workflow
     file can override it."""
-    from deepmosaic.pipeline.execute import WORKER_MALLOC_ENV
-    env = {k: worker_spawn_environ()[k] for k in WORKER_MALLOC_ENV}
-    return f'export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="{env!r}"'
+    return f'export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="{worker_malloc_env()!r}"'
 
 
 def jobqueue_kwargs(spec: ClusterSpec, output: str, secrets: str | None) -> dict:
