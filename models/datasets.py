@@ -190,7 +190,9 @@ class ClumpSetConfig:
     layout: str = field(
         "stamp", "'stamp': one host at the stamp centre (the fields below are unused); 'canvas': a piece of "
                  "mosaic: 0..N hosts anywhere (cut by the edges too), close clump pairs, clumps on bulges, "
-                 "stars and compact galaxies on the sky as decoys (see _clump_canvas_scene).")
+                 "stars and compact galaxies on the sky as decoys (see _clump_canvas_scene); 'mosaic': a crop "
+                 "of a small mosaic from the mosaic simulator itself (its ordinary galaxies and stars anywhere, "
+                 "on the hosts too; see _clump_mosaic_scene).")
     hosts_range: tuple[int, int] = field((1, 3), "canvas: number of clumpy hosts when not empty (uniform).")
     host_clumps_range: tuple[int, int] = field(
         (0, 7), "canvas: clumps drawn per host (uniform; close companions come on top); max_clumps caps the "
@@ -214,6 +216,14 @@ class ClumpSetConfig:
     decoy_max_host_light: float = field(
         0.5, "canvas: decoys are only placed where the hosts' noise-free light is below this (noise sigma), "
              "so a star is never indistinguishable from a clump.")
+    mosaic_density_range: tuple[float, float] = field(
+        (150.0, 450.0), "mosaic: ordinary objects (galaxies and stars, the mosaic simulator's population) per "
+                        "Mpix, uniform per scene.")
+    mosaic_clumpy_range: tuple[float, float] = field(
+        (40.0, 120.0), "mosaic: clumpy hosts per Mpix, uniform per scene.")
+    mosaic_pad: int = field(
+        32, "mosaic: the scene is simulated this many px wider on every side and cropped, so that objects "
+            "centred outside the crop still spill light into it.")
 
     def validate(self) -> "ClumpSetConfig":
         """Check every field; raise :class:`~deepmosaic.pipeline.errors.ConfigError` naming the first bad one."""
@@ -236,7 +246,12 @@ class ClumpSetConfig:
         _rng_pair(w, "nucleus_hlr_range", self.nucleus_hlr_range, 1e-4, 100.0, "arcsec, e.g. (0.15, 0.4).")
         require(self.nucleus_hlr_range[0] > 0, w, "nucleus_hlr_range", self.nucleus_hlr_range, "must be > 0.")
         _rng_pair(w, "nucleus_sersic_n_range", self.nucleus_sersic_n_range, 0.3, 6.2, "e.g. (1, 2.5).")
-        require(self.layout in ("stamp", "canvas"), w, "layout", self.layout, "use 'stamp' or 'canvas'.")
+        require(self.layout in ("stamp", "canvas", "mosaic"), w, "layout", self.layout,
+                "use 'stamp', 'canvas' or 'mosaic'.")
+        _rng_pair(w, "mosaic_density_range", self.mosaic_density_range, 0.0, 1e4, "objects per Mpix, e.g. "
+                  "(150, 450).")
+        _rng_pair(w, "mosaic_clumpy_range", self.mosaic_clumpy_range, 0.0, 1e4, "hosts per Mpix, e.g. (40, 120).")
+        _int(w, "mosaic_pad", self.mosaic_pad, 0, 1024, "px, e.g. 32.")
         for name in ("hosts_range", "host_clumps_range", "stars_range", "compact_range"):
             v = getattr(self, name)
             require(isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(x) for x in v)
@@ -683,9 +698,56 @@ def _clump_canvas_scene(cfg: ClumpSetConfig, rng: np.random.Generator) -> dict:
                 psf_fwhm=fwhm, psf_beta=beta, psf_area=a_eff)
 
 
+def _clump_mosaic_scene(cfg: ClumpSetConfig, rng: np.random.Generator) -> dict:
+    """A ``size`` x ``size`` crop of a mosaic made by the mosaic simulator (``layout='mosaic'``).
+
+    The scene is :func:`~deepmosaic.pipeline.simulate.simulate_mosaic` on ``size + 2 * mosaic_pad`` px with
+    its own seed (drawn from ``rng``, >= 2**24 so never one of the small seeds the benchmarks simulate), a
+    PSF drawn from ``psf_fwhm_range`` / ``psf_beta_range``, ``mosaic_density_range`` ordinary objects and
+    ``mosaic_clumpy_range`` clumpy hosts per Mpix (hosts and clumps as ``galaxy_snr_range``, ``hlr_range``,
+    ``sersic_n_range``, ``host_clumps_range``, ``clump_snr_range``, ``clump_region_hlr``,
+    ``bulge_clump_fraction``, ``pair_fraction``, ``pair_separation_fwhm_range``), cropped at its centre. Unlike
+    the canvas layout, stars and ordinary galaxies fall anywhere, on clumpy hosts too, as they do on the
+    sky. Images are in noise-sigma units (the noise-free model over the simulator's sigma; the sample adds
+    unit noise). Clumps whose target disc reaches into the crop are in the mask; ``positions`` lists those
+    whose centre is inside it.
+    """
+    from deepmosaic.pipeline.simulate import SimConfig, simulate_mosaic
+    s, pad = cfg.size, cfg.mosaic_pad
+    fwhm, beta = _draw_psf(rng, cfg)
+    side = s + 2 * pad
+    sc = SimConfig(size=(side, side), seed=int(rng.integers(2 ** 24, 2 ** 31)), pixel_scale=cfg.pixel_scale,
+                   psf_fwhm=fwhm * cfg.pixel_scale, psf_beta=beta,
+                   density=float(rng.uniform(*cfg.mosaic_density_range)),
+                   clumpy_density=float(rng.uniform(*cfg.mosaic_clumpy_range)),
+                   clumpy_snr_range=tuple(cfg.galaxy_snr_range), clumpy_hlr_range=tuple(cfg.hlr_range),
+                   clumpy_sersic_n_range=tuple(cfg.sersic_n_range), clumps_per_host=tuple(cfg.host_clumps_range),
+                   clump_snr_range=tuple(cfg.clump_snr_range), clump_region_hlr=cfg.clump_region_hlr,
+                   clump_bulge_fraction=cfg.bulge_clump_fraction, clump_pair_fraction=cfg.pair_fraction,
+                   clump_pair_fwhm_range=tuple(cfg.pair_separation_fwhm_range)).validate()
+    sim = simulate_mosaic(sc)
+    sigma = float(sc.noise_sigma)
+    model = (sim.model[pad:pad + s, pad:pad + s] / sigma).astype(np.float32)
+    cl = sim.clumps
+    yx = np.c_[np.asarray(cl["y"], float), np.asarray(cl["x"], float)].reshape(-1, 2) - pad
+    inside = np.all((yx >= -0.5) & (yx < s - 0.5), axis=1)
+    inside &= np.cumsum(inside) <= cfg.max_clumps        # the padded truth arrays hold max_clumps
+    near = np.all((yx >= -0.5 - cfg.mask_radius) & (yx < s - 0.5 + cfg.mask_radius), axis=1)
+    a_eff = psf_effective_area(fwhm, beta)
+    snr = np.asarray(cl["snr"], np.float64)
+    return dict(model=model, positions=yx[inside], clump_flux=np.asarray(cl["flux"], float)[inside] / sigma,
+                clump_snr=snr[inside], mask_positions=yx[near],
+                on_bulge=np.asarray(cl["on_bulge"], bool)[inside], close_pair=np.asarray(cl["close_pair"], bool)[inside],
+                contrast=np.asarray(cl["contrast"], float)[inside], galaxy_snr=np.nan, galaxy_flux=np.nan,
+                galaxy_center=np.array([np.nan, np.nan]), has_nucleus=False, n_hosts=int(sc.clumpy_density > 0),
+                psf_fwhm=fwhm, psf_beta=beta, psf_area=a_eff, sim_seed=sc.seed)
+
+
 def _clump_scene(cfg: ClumpSetConfig, rng: np.random.Generator) -> dict:
     if cfg.layout == "canvas":
         return _clump_canvas_scene(cfg, rng)
+    if cfg.layout == "mosaic":
+        return _clump_mosaic_scene(cfg, rng)
     s = cfg.size
     fwhm, beta = _draw_psf(rng, cfg)
     shape = _draw_galaxy_shape(rng, cfg)
@@ -734,8 +796,9 @@ def _clump_sample(cfg: ClumpSetConfig, sc: dict, noise_rng: np.random.Generator,
     flux = np.full(nmax, np.nan, np.float32)
     flux[:k] = sc["clump_flux"]
     noise = noise_rng.standard_normal((s, s), dtype=np.float32)
+    mpos = pos if "mask_positions" not in sc else dihedral_yx(sc["mask_positions"], t, s).reshape(-1, 2)
     return dict(
-        image=(model + noise)[None], mask=disc_mask(s, pos, cfg.mask_radius)[None], model=model[None],
+        image=(model + noise)[None], mask=disc_mask(s, mpos, cfg.mask_radius)[None], model=model[None],
         positions=padded, count=np.int64(k), valid=np.arange(nmax) < k, clump_snr=snr, clump_flux=flux,
         galaxy_snr=np.float32(sc["galaxy_snr"]), galaxy_flux=np.float32(sc["galaxy_flux"]),
         galaxy_center=dihedral_yx(sc["galaxy_center"], t, s).astype(np.float32),

@@ -16,9 +16,16 @@ arithmetic as in an untiled run.
 Locality: with ``norm='batch'`` in eval mode (or ``norm='none'``) an output pixel depends only on input pixels
 within :meth:`UNet.halo` of it. ``norm='group'`` normalises over the whole tile, so every output pixel
 depends on every input pixel (``UNet.local`` is False): tiled and untiled runs then differ slightly.
+
+Stem: ``stem='highpass'`` puts a fixed (parameter-free) transform before the first convolution: every input
+channel ``x`` enters as ``asinh(x)`` and ``asinh(x - box_mean(x))`` (a ``2 * stem_radius + 1`` square box,
+edge pixels averaged over the pixels present). In noise-sigma units the first compresses the dynamic range of
+bright galaxies and the second keeps what is sharper than the box (a PSF-sized clump on a bright smooth
+bulge) while removing the smooth light under it. The stem widens the receptive field by ``stem_radius``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -31,6 +38,7 @@ from deepmosaic.pipeline.config import field, from_mapping, require, to_dict
 from .registry import register
 
 NORMS = ("batch", "group", "none")
+STEMS = ("none", "highpass")
 UPSAMPLES = ("transpose", "bilinear")
 PAD_MODES = ("reflect", "replicate", "zeros")
 
@@ -49,6 +57,9 @@ class UNetConfig:
     pad_mode: str = field("reflect", "how the input is padded up to a multiple of 2**depth: "
                                      "'reflect' | 'replicate' | 'zeros' (reflect falls back to replicate "
                                      "when the input is smaller than the pad)")
+    stem: str = field("none", "fixed input transform before the first conv: 'none' | 'highpass' (each channel "
+                              "as asinh(x) and asinh(x - box mean); see the module docstring)")
+    stem_radius: int = field(4, "half-size of the highpass stem's box (px); the box is 2 r + 1 px wide")
 
     def validate(self, where: str = "unet") -> None:
         w = where
@@ -60,6 +71,9 @@ class UNetConfig:
         require(self.groups >= 1, w, "groups", self.groups, "use at least 1 group.")
         require(self.upsample in UPSAMPLES, w, "upsample", self.upsample, f"use one of {', '.join(UPSAMPLES)}.")
         require(self.pad_mode in PAD_MODES, w, "pad_mode", self.pad_mode, f"use one of {', '.join(PAD_MODES)}.")
+        require(self.stem in STEMS, w, "stem", self.stem, f"use one of {', '.join(STEMS)}.")
+        require(isinstance(self.stem_radius, int) and 1 <= self.stem_radius <= 64, w, "stem_radius",
+                self.stem_radius, "use an integer box half-size between 1 and 64 px, e.g. 4.")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -208,10 +222,22 @@ def receptive_reach(depth: int, upsample: str = "transpose", head_radius: int = 
     return halo, size
 
 
+def highpass_stem(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """``cat([asinh(x), asinh(x - box_mean(x))], dim=1)``: (B, C, H, W) -> (B, 2C, H, W); the box is
+    ``2 radius + 1`` px square, averaged over the pixels inside the input at its edges."""
+    k = 2 * radius + 1
+    mean = F.avg_pool2d(x, k, stride=1, padding=radius, count_include_pad=False)
+    return torch.cat([torch.asinh(x), torch.asinh(x - mean)], dim=1)
+
+
 class HaloMixin:
     """Receptive-field helpers shared by the U-Net family (needs ``self.config`` and ``_head_radius``)."""
 
     _head_radius = 0
+
+    @property
+    def _stem_radius(self) -> int:
+        return self.config.stem_radius if getattr(self.config, "stem", "none") != "none" else 0
 
     @property
     def stride_multiple(self) -> int:
@@ -226,7 +252,9 @@ class HaloMixin:
     def receptive_field(self) -> dict:
         """``{'halo': int, 'size': int, 'stride_multiple': int, 'local': bool}`` (see :func:`receptive_reach`)."""
         halo, size = receptive_reach(self.config.depth, self.config.upsample, self._head_radius)
-        return {"halo": halo, "size": size, "stride_multiple": self.stride_multiple, "local": self.local}
+        r = self._stem_radius                  # the stem reads r px further on each side
+        return {"halo": halo + r, "size": size + 2 * r, "stride_multiple": self.stride_multiple,
+                "local": self.local}
 
     def halo(self) -> int:
         """Pixels of context the network uses on each side of an output pixel (exact, analytic)."""
@@ -249,13 +277,16 @@ class UNet(HaloMixin, nn.Module):
     def __init__(self, config: UNetConfig | dict | None = None, **kwargs):
         super().__init__()
         self.config = coerce_config(UNetConfig, config, kwargs, "unet")
-        self.body = UNetBody(self.config)
+        stem_in = self.config.in_channels * (2 if self.config.stem == "highpass" else 1)
+        self.body = UNetBody(dataclasses.replace(self.config, in_channels=stem_in))
         self.head = nn.Conv2d(self.body.out_channels, self.config.out_channels, 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Last decoder features, (B, base_channels, H, W), cropped to the input's size."""
         check_input(x, self.config.in_channels, type(self).__name__)
         h, w = x.shape[-2:]
+        if self.config.stem == "highpass":      # on the unpadded input, so padding never enters the box mean
+            x = highpass_stem(x, self.config.stem_radius)
         y = self.body(pad_to_multiple(x, self.stride_multiple, self.config.pad_mode))
         return y[..., :h, :w]
 

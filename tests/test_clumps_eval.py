@@ -174,7 +174,31 @@ def test_canvas_layout_targets_and_decoys():
     np.testing.assert_allclose(sc["model"], sc["galaxy"] + sc["clumps"], atol=1e-4)
     assert len(sc["on_bulge"]) == len(sc["close_pair"]) == len(sc["contrast"]) == len(sc["positions"])
     with pytest.raises(ConfigError, match="layout"):
-        ds.ClumpSetConfig(layout="mosaic").validate()
+        ds.ClumpSetConfig(layout="mosaics").validate()
+
+
+def test_mosaic_layout_is_a_crop_of_the_simulator():
+    """layout='mosaic': a crop of simulate_mosaic itself, clumps in the mask and listed with their truth."""
+    cfg = ds.ClumpSetConfig(layout="mosaic", size=64, max_clumps=40, mask_radius=2.0, min_clump_separation=5.0,
+                            edge_margin=3.0, mosaic_clumpy_range=(400.0, 400.0), mosaic_density_range=(300.0, 300.0),
+                            mosaic_pad=16)
+    sc = ds.render_scene("clumps", cfg, seed=2, index=0)
+    assert sc["sim_seed"] >= 2 ** 24                   # never one of the benchmarks' small seeds
+    fwhm_arcsec = sc["psf_fwhm"] * cfg.pixel_scale
+    sim = simulate_mosaic(SimConfig(size=(96, 96), seed=sc["sim_seed"], psf_fwhm=fwhm_arcsec,
+                                    psf_beta=sc["psf_beta"], density=300.0, clumpy_density=400.0))
+    np.testing.assert_allclose(sc["model"], sim.model[16:80, 16:80] / 5.0, atol=1e-4)
+    yx = np.c_[np.asarray(sim.clumps["y"]), np.asarray(sim.clumps["x"])] - 16
+    inside = np.all((yx >= -0.5) & (yx < 63.5), axis=1)
+    assert inside.sum() >= 1
+    np.testing.assert_allclose(sc["positions"], yx[inside])
+    np.testing.assert_allclose(sc["clump_snr"], np.asarray(sim.clumps["snr"])[inside])
+    b = ds.make_batch("clumps", cfg, seed=2, n=3)
+    k = int(b["count"][0])
+    assert k == inside.sum() and b["valid"][0].sum() == k
+    np.testing.assert_array_equal(b["mask"][0, 0], ds.disc_mask(64, sc["mask_positions"], 2.0))
+    capped = ds.render_scene("clumps", ds.ClumpSetConfig(**{**cfg.__dict__, "max_clumps": 1}), seed=2, index=0)
+    assert len(capped["positions"]) == 1 and len(capped["mask_positions"]) == len(sc["mask_positions"])
 
 
 def test_separation_grid():

@@ -266,7 +266,8 @@ def _empirical_reach(model, n_positions):
 
 
 @pytest.mark.parametrize("name, over", [("unet", {}), ("unet", {"upsample": "bilinear"}),
-                                        ("unet", {"norm": "none"}), ("centernet", {})])
+                                        ("unet", {"norm": "none"}), ("centernet", {}),
+                                        ("unet", {"stem": "highpass", "stem_radius": 3})])
 def test_halo_equals_empirical_receptive_field(name, over):
     torch.manual_seed(0)
     model = _randomise_norm_stats(registry.build(name, **SMALL, **over)).double().eval()
@@ -279,12 +280,30 @@ def test_receptive_reach_known_values():
     assert [receptive_reach(d) for d in range(5)] == [(2, 5), (9, 18), (23, 44), (51, 100), (107, 204)]
     assert receptive_reach(2, "bilinear")[0] == 26 and receptive_reach(2, head_radius=1)[0] == 24
     assert UNet(depth=3).halo() == 51 and UNet(depth=3).aligned_halo() == 56
+    assert UNet(depth=3, stem="highpass", stem_radius=4).halo() == 55      # the stem's box reaches 4 px more
 
 
-def test_tiled_equals_untiled_with_aligned_halo():
+def test_highpass_stem_keeps_a_bump_and_drops_smooth_light():
+    from deepmosaic.models.unet import highpass_stem
+    yy, xx = np.mgrid[:41, :41]
+    smooth = 400.0 * np.exp(-((yy - 20) ** 2 + (xx - 20) ** 2) / (2 * 15.0 ** 2))
+    bump = 8.0 * np.exp(-((yy - 24) ** 2 + (xx - 17) ** 2) / (2 * 1.5 ** 2))
+    out = highpass_stem(torch.tensor(smooth + bump)[None, None], 4)[0].numpy()
+    assert out.shape == (2, 41, 41)
+    np.testing.assert_allclose(out[0], np.arcsinh(smooth + bump))
+    hp = np.sinh(out[1])
+    hp0 = np.sinh(highpass_stem(torch.tensor(smooth)[None, None], 4)[0, 1].numpy())
+    assert abs(hp0[20, 20]) < 0.05 * smooth[20, 20]             # the smooth light mostly goes (its curvature stays)
+    assert 5.0 < hp[24, 17] - hp0[24, 17] < 8.0                  # the bump stays, less its own box mean
+    with pytest.raises(ConfigError, match="stem"):
+        UNet(stem="lowpass")
+
+
+@pytest.mark.parametrize("over", [{}, {"stem": "highpass", "stem_radius": 5}])
+def test_tiled_equals_untiled_with_aligned_halo(over):
     """A window whose origin is on the pooling grid reproduces the untiled output on its core."""
     torch.manual_seed(0)
-    model = _randomise_norm_stats(UNet(**SMALL)).double().eval()
+    model = _randomise_norm_stats(UNet(**SMALL, **over)).double().eval()
     halo = model.aligned_halo()
     x = torch.randn(1, 1, 120, 136, dtype=torch.float64)
     with torch.no_grad():
