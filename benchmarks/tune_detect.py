@@ -53,6 +53,10 @@ FLOOR = 0.02
 SEP_EDGES = (0.0, 1.5, 2.5, 3.5)
 
 
+#: detect weights to evaluate (``--weights``); None: the shipped ones
+WEIGHTS = None
+
+
 def field_inputs(seed: int, size: int, cache: Path):
     """``(tile, heads, truth, segmap, meta)`` of one validation field; the heads are cached in ``cache``."""
     from bench_detect import BASE
@@ -74,7 +78,7 @@ def field_inputs(seed: int, size: int, cache: Path):
     tile = TileInput(image=sim.image.astype(np.float32), background=back, rms=rms, global_rms=bg.global_rms,
                      mask=sim.mask != 0, variance=None, origin=(0, 0),
                      core=(slice(0, size), slice(0, size)))
-    task = DetectTask()
+    task = DetectTask({"weights": WEIGHTS} if WEIGHTS else None)
     heads_file = folder / f"heads_{task.network_info()['sha256'][:12]}.npz"
     if heads_file.exists():
         with np.load(heads_file) as z:
@@ -96,7 +100,7 @@ def make_cached_task(heads: dict, **settings):
         def heads(self, x, origin=(0, 0)):
             return heads
 
-    return CachedDetectTask(settings)
+    return CachedDetectTask({**settings, "weights": WEIGHTS} if WEIGHTS else settings)
 
 
 def score_field(cat: dict, table) -> dict:
@@ -178,7 +182,11 @@ def main(argv=None) -> int:
     ap.add_argument("--saddles", default=",".join(map(str, SADDLES)))
     ap.add_argument("--wing-radii", default=",".join(map(str, WING_RADII)))
     ap.add_argument("--wing-nsigmas", default=",".join(map(str, WING_NSIGMAS)))
+    ap.add_argument("--weights", default=None, help="detect weights (default: the shipped ones); compare two "
+                                                    "sets of weights at one operating point on the same fields")
     a = ap.parse_args(argv)
+    global WEIGHTS
+    WEIGHTS = a.weights
     import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     import bench_detect
