@@ -117,16 +117,18 @@ class ClumpRecipe(Recipe):
     probability map (connected components of >= ``minarea`` px, as the stage's sep, and their
     probability-weighted centroids) matched one-to-one within 1.5 px to the planted clumps.
 
-    The default training set is the ``canvas`` layout of :class:`~deepmosaic.models.datasets.ClumpSetConfig`
-    (``default_data``): 128 x 128 pieces of a clumpy mosaic (0-3 hosts anywhere, close clump pairs, clumps
-    on bulges, stars and compact galaxies as decoys), so that the network does not lean on a stamp border.
+    The default training set is the ``mosaic`` layout of :class:`~deepmosaic.models.datasets.ClumpSetConfig`
+    (``default_data``): 128 x 128 crops of small mosaics from the mosaic simulator itself (clumpy hosts plus
+    its ordinary galaxies and stars anywhere, on the hosts too), the kind of scene the stage is evaluated on;
+    the shipped weights' last three phases used it (``layout='canvas'``, pieces with decoys only on empty
+    sky, served their earlier phases).
     The score is the F1 over clumps of S/N >= ``score_snr`` (detections matched to fainter clumps count
     neither for nor against purity); completeness is also reported per S/N bin."""
 
     arch = "unet"
     data_kind = "clumps"
     default_model = {"in_channels": 1, "out_channels": 1, "depth": 3, "base_channels": 16}
-    default_data = {"layout": "canvas", "size": 128, "max_clumps": 24, "mask_radius": 2.0,
+    default_data = {"layout": "mosaic", "size": 128, "max_clumps": 48, "mask_radius": 2.0,
                     "min_clump_separation": 5.0, "edge_margin": 3.0, "bulge_disk_fraction": 0.4}
     score_name = "f1"
     threshold = 0.5
