@@ -162,6 +162,7 @@ def choose_threshold(a):
 def choose_threshold_mosaics(a):
     """Sweep the threshold through the whole stage on validation mosaics (``--val-mosaics``, never the held-out
     seed): the stage's own sep extraction, seams and all, pooled over the mosaics; best F1 over S/N >= 10."""
+    from deepmosaic.pipeline import metrics
     from deepmosaic.pipeline.eval_clumps import score_clumps
     from deepmosaic.pipeline.store import read_catalog
     from deepmosaic.workflows.api import run
@@ -189,11 +190,11 @@ def choose_threshold_mosaics(a):
     best = None
     for t in thresholds:
         c = tot[t]
-        comp = c["n_tp_snr10"] / max(c["n_true_snr10"], 1)
-        pur = c["n_tp_snr10"] / max(c["n_tp_snr10"] + c["n_fp"], 1)
-        f1 = 2 * comp * pur / (comp + pur) if comp + pur else 0.0
-        print(f"  {t:.2f}: S/N>=10 completeness {comp:.3f} purity {pur:.3f} F1 {f1:.3f} | 5-10 completeness "
-              f"{c['n_tp_snr5_10'] / max(c['n_true_snr5_10'], 1):.3f} | catalog purity "
+        # S/N >= 10: every false detection counts against the bin (as score_clumps' purity_snr10)
+        r = metrics.detection_scores(c["n_true_snr10"], c["n_tp_snr10"] + c["n_fp"], c["n_tp_snr10"])
+        f1 = r["f1"]
+        print(f"  {t:.2f}: S/N>=10 completeness {r['completeness']:.3f} purity {r['purity']:.3f} F1 {f1:.3f} | "
+              f"5-10 completeness {c['n_tp_snr5_10'] / max(c['n_true_snr5_10'], 1):.3f} | catalog purity "
               f"{c['n_tp'] / max(c['n_pred'], 1):.3f} ({c['n_fp']} false of {c['n_pred']})")
         if best is None or f1 > best[1]:
             best = (t, f1)

@@ -796,7 +796,8 @@ def _clump_sample(cfg: ClumpSetConfig, sc: dict, noise_rng: np.random.Generator,
     flux = np.full(nmax, np.nan, np.float32)
     flux[:k] = sc["clump_flux"]
     noise = noise_rng.standard_normal((s, s), dtype=np.float32)
-    mpos = pos if "mask_positions" not in sc else dihedral_yx(sc["mask_positions"], t, s).reshape(-1, 2)
+    # the mosaic layout's mask also holds clumps centred just outside the crop
+    mpos = dihedral_yx(sc.get("mask_positions", sc["positions"]), t, s).reshape(-1, 2)
     return dict(
         image=(model + noise)[None], mask=disc_mask(s, mpos, cfg.mask_radius)[None], model=model[None],
         positions=padded, count=np.int64(k), valid=np.arange(nmax) < k, clump_snr=snr, clump_flux=flux,
