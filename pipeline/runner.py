@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import store as st
-from .background import BackgroundModel, mesh_grid_shape, measure_meshes
+from .background import BackgroundModel, mesh_grid_shape, measure_meshes, object_mask
 from .errors import ConfigError, StoreError
 from .tiling import ID_STRIDE, TileGrid
 
@@ -81,29 +81,57 @@ def _mesh_block(tile, back_size: int, shape):
     return j0, j1, i0, i1
 
 
-def background_tile(source, tile, back_size: int, shape):
-    """Measure the background meshes owned by ``tile`` (worker side: reads its own pixels)."""
+def background_tile(source, tile, back_size: int, shape, first=None, masking=None):
+    """Measure the background meshes owned by ``tile`` (worker side: reads its own pixels).
+
+    With ``first`` (the first pass's model) and ``masking`` (``{"dilate", "thresh", "minarea"}``), the
+    object-masked second pass: the meshes' window plus a margin (``MASK_MARGIN`` + the dilation, so the
+    footprints that reach a mesh are whole) is read, objects are found on it against ``first`` and masked
+    (:func:`background.object_mask`), and the meshes are measured without them.
+    """
     j0, j1, i0, i1 = _mesh_block(tile, back_size, shape)
     if j1 <= j0 or i1 <= i0:
         return (j0, i0, np.zeros((0, 0)), np.zeros((0, 0)))
     window = (j0 * back_size, min(j1 * back_size, shape[0]), i0 * back_size, min(i1 * back_size, shape[1]))
-    image, mask, _ = source.read_window(window)
-    back, rms = measure_meshes(image, mask, back_size)
+    if first is None:
+        image, mask, _ = source.read_window(window)
+        back, rms = measure_meshes(image, mask, back_size)
+        return (j0, i0, back, rms)
+    m = MASK_MARGIN + int(masking["dilate"])
+    wide = (max(window[0] - m, 0), min(window[1] + m, shape[0]), max(window[2] - m, 0), min(window[3] + m, shape[1]))
+    image, mask, _ = source.read_window(wide)
+    b0, _ = first.evaluate(wide)
+    objects = object_mask(image, mask, b0, first.global_rms, masking["thresh"], masking["minarea"],
+                          masking["dilate"])
+    inner = (slice(window[0] - wide[0], window[1] - wide[0]), slice(window[2] - wide[2], window[3] - wide[2]))
+    back, rms = measure_meshes(image[inner], objects[inner], back_size)
     return (j0, i0, back, rms)
 
 
-def compute_background(ex, source, grid: TileGrid, back_size, filter_size, filter_thresh) -> BackgroundModel:
+#: pixels read beyond a tile's meshes to find the objects whose grown footprints reach them
+MASK_MARGIN = 64
+
+
+def compute_background(ex, source, grid: TileGrid, back_size, filter_size, filter_thresh, mask_objects=0,
+                       mask_thresh=1.5, mask_minarea=5) -> BackgroundModel:
+    """The global background model (pass 0); with ``mask_objects`` > 0 (a dilation in px) a second pass
+    measures every mesh again without the objects found against the first model."""
     nmy, nmx = mesh_grid_shape(grid.shape, back_size)
-    back = np.full((nmy, nmx), np.nan)
-    rms = np.full((nmy, nmx), np.nan)
     tiles = list(grid)
-    bar = _progress(len(tiles), "background")
-    for _, (j0, i0, b, r) in ex.map_unordered(background_tile, [(source, t, back_size, grid.shape) for t in tiles]):
-        back[j0:j0 + b.shape[0], i0:i0 + b.shape[1]] = b
-        rms[j0:j0 + r.shape[0], i0:i0 + r.shape[1]] = r
-        bar.update()
-    bar.close()
-    return BackgroundModel.from_meshes(back, rms, back_size, filter_size, filter_thresh)
+    model = None
+    masking = {"dilate": int(mask_objects), "thresh": float(mask_thresh), "minarea": int(mask_minarea)}
+    for label in ("background", "background (objects masked)")[:2 if mask_objects > 0 else 1]:
+        back = np.full((nmy, nmx), np.nan)
+        rms = np.full((nmy, nmx), np.nan)
+        bar = _progress(len(tiles), label)
+        jobs = [(source, t, back_size, grid.shape, model, masking if model is not None else None) for t in tiles]
+        for _, (j0, i0, b, r) in ex.map_unordered(background_tile, jobs):
+            back[j0:j0 + b.shape[0], i0:i0 + b.shape[1]] = b
+            rms[j0:j0 + r.shape[0], i0:i0 + r.shape[1]] = r
+            bar.update()
+        bar.close()
+        model = BackgroundModel.from_meshes(back, rms, back_size, filter_size, filter_thresh)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- pass 1
@@ -454,7 +482,8 @@ def run_pipeline(mosaic, out: str, tasks, tile_size=1024, executor=None, resume=
     background = st.read_background(out)
     if background is None:
         background = compute_background(ex, mosaic.detection, grid, bs["back_size"], bs["filter_size"],
-                                        bs["filter_thresh"])
+                                        bs["filter_thresh"], bs.get("mask_objects", 0), bs.get("mask_thresh", 1.5),
+                                        bs.get("mask_minarea", 5))
         st.write_background(out, background)
 
     status = st.get_status(out)

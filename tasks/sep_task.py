@@ -65,6 +65,10 @@ class SepConfig:
     back_size: int = field(64, "Background mesh size in pixels (meshes aligned to the mosaic).")
     back_filter_size: int = field(3, "Median filter size over background meshes.")
     back_filter_thresh: float = field(0.0, "Filter a mesh only if it differs from the median by this much.")
+    back_mask_objects: int = field(
+        0, "Object-masked background: > 0 measures the meshes a second time without the objects found "
+           "against the first model (footprints above thresh with minarea px, grown by this many px; 8 is "
+           "typical). 0 = SExtractor's single pass, whose sky takes up the galaxies' faint wings.")
     kron_factor: float = field(2.5, "Kron factor k of the AUTO aperture (SExtractor PHOT_AUTOPARAMS[0]).")
     kron_min_radius: float = field(3.5, "Minimum AUTO aperture radius in units of a, b "
                                         "(SExtractor PHOT_AUTOPARAMS[1]).")
@@ -80,6 +84,8 @@ class SepConfig:
         require(self.back_size >= 8, w, "back_size", self.back_size, "must be >= 8 pixels (64 is typical).")
         require(self.back_filter_size >= 1 and self.back_filter_size % 2 == 1, w, "back_filter_size",
                 self.back_filter_size, "must be an odd number >= 1.")
+        require(isinstance(self.back_mask_objects, int) and 0 <= self.back_mask_objects <= 64, w,
+                "back_mask_objects", self.back_mask_objects, "an integer number of px in [0, 64], e.g. 8 (0 = off).")
         require(self.kron_factor > 0, w, "kron_factor", self.kron_factor, "must be > 0.")
         require(self.kron_min_radius >= 0, w, "kron_min_radius", self.kron_min_radius, "must be >= 0.")
         require(self.aper_radius > 0, w, "aper_radius", self.aper_radius, "must be > 0 pixels.")

@@ -70,7 +70,10 @@ def background_settings(tasks) -> dict:
     """The global background model's settings: the sep stage's, or sep's defaults."""
     from deepmosaic.tasks.sep_task import SepConfig
     cfg = next((t.config for t in tasks if isinstance(t.config, SepConfig)), SepConfig())
-    return {"back_size": cfg.back_size, "filter_size": cfg.back_filter_size, "filter_thresh": cfg.back_filter_thresh}
+    out = {"back_size": cfg.back_size, "filter_size": cfg.back_filter_size, "filter_thresh": cfg.back_filter_thresh}
+    if cfg.back_mask_objects > 0:   # only then: stores made without it keep their configuration
+        out.update(mask_objects=cfg.back_mask_objects, mask_thresh=cfg.thresh, mask_minarea=cfg.minarea)
+    return out
 
 
 def run(input, out, stages=None, tile=None, set=None, config=None, workers=None, scheduler=None,
