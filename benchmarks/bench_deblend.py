@@ -165,12 +165,11 @@ def run_network(batch: dict, model, task, n_samples: int = 8, flips: bool = Fals
     flux = np.full((len(prob), 2), np.nan)
     ones = np.ones(prob.shape[-2:])
     for i in range(len(prob)):
-        total = prob[i].sum(axis=0)
-        core = total > task.config.share_floor
-        shared = {k: np.where(core, prob[i, k] / np.maximum(total, 1e-12), 0.0) for k in range(2)
-                  if masks[i, k].any()}
+        probs = {k: prob[i, k].astype(np.float64) for k in range(2)}
+        centres = {k: tuple(batch["peaks"][i][k]) for k in probs}
         f, e = np.full(2, np.nan), np.full(2, np.nan)
-        task._share_flux(shared, core, ones > 0, batch["image"][i, 0].astype(np.float64), ones, f, e)
+        task._share_flux(probs, ones > 0, batch["image"][i, 0].astype(np.float64), ones, f, e, centres,
+                         report=[k for k in range(2) if masks[i, k].any()])
         flux[i] = f
     return {"iou": iou, "wrong": lab_t != lab_p, "unc": unc, "seconds": seconds, "flux": flux}
 

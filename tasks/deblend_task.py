@@ -26,10 +26,14 @@ What it does on one tile window
    in the model card when it has one (:meth:`DeblendTask.calibrate`); 0 outside deblended stamps. The draws
    of a stamp are seeded by its centre in mosaic pixels, so the two tiles that see a blend straddling a seam
    compute the same values.
-6. **Fluxes** of members: the background-subtracted image shared between the members in proportion to their
-   probabilities (``sum(data * p_k / sum_j p_j)`` over pixels where ``sum_j p_j > share_floor``), plus the
-   light of a ring ``flux_wings`` px wide around that region (the wings below the 1-sigma edge of the masks),
-   split in proportion to those shares; with its background error. Isolated objects keep sep's AUTO flux.
+6. **Fluxes** of members: the background-subtracted image over the pixels where ``sum_j p_j > share_floor``
+   plus a ring ``flux_wings`` px wide around them (the wings below the 1-sigma edge of the masks), shared
+   between the members (``flux_sharing='symmetric'``, the default) in proportion to ``T_k * (p_k +
+   template_floor)``: ``T_k`` the member's symmetric template (the lesser of a pixel and its mirror about the
+   member's peak, on the ``template_smooth``-px smoothed image; SDSS's deblender's templates), ``p_k`` its
+   probability. The probabilities say which galaxy owns a pixel, not how its light divides: shared by them
+   alone (``'probability'``), a companion loses the light it has under the central's mask (-31 % median on
+   validation pairs). With its background error. Isolated objects keep sep's AUTO flux.
 
 Seams: a member belongs to the tile whose core holds its centroid (the intensity-weighted centroid of its
 mask, computed from the same pixels in every window that holds the whole blend); the runner links the
@@ -65,9 +69,9 @@ DEBLEND_COLUMNS = {
     "y": Column("f8", "pix", "y, 0-based mosaic pixels"),
     "parent_id": Column("i8", "", "id (in this catalog) of the primary, brightest member of the object's blend; "
                                   "-1 for isolated objects (filled from maps/deblend/parent after stitching)"),
-    "flux": Column("f8", "", "members: background-subtracted image flux shared by the network's probabilities "
-                             "(plus a ring of wings, see flux_wings); isolated objects: sep's AUTO flux; "
-                             "image units"),
+    "flux": Column("f8", "", "members: background-subtracted image flux shared by symmetric templates times the "
+                             "network's probabilities (flux_sharing; plus a ring of wings, see flux_wings); "
+                             "isolated objects: sep's AUTO flux; image units"),
     "flux_err": Column("f8", "", "1-sigma background error of flux"),
     "n_children": Column("i8", "", "members of the object's blend (1: isolated)"),
     "npix": Column("i8", "pix2", "pixels of the object's mask"),
@@ -83,6 +87,17 @@ DEBLEND_MAPS = {
     "uncertainty": MapSpec("float32", "value", "probability that the pixel's deblended label is wrong "
                                                "(0 outside deblended stamps)"),
 }
+
+
+def symmetric_template(img: np.ndarray, cy: float, cx: float) -> np.ndarray:
+    """``min(img[p], img[mirror of p about (cy, cx)])`` clipped at 0; 0 where the mirror pixel is outside."""
+    H, W = img.shape
+    yy, xx = np.mgrid[0:H, 0:W]
+    my = np.rint(2.0 * cy - yy).astype(np.int64)
+    mx = np.rint(2.0 * cx - xx).astype(np.int64)
+    inside = (my >= 0) & (my < H) & (mx >= 0) & (mx < W)
+    mirror = np.where(inside, img[np.clip(my, 0, H - 1), np.clip(mx, 0, W - 1)], 0.0)
+    return np.clip(np.minimum(img, mirror), 0.0, None)
 
 
 @dataclass(frozen=True)
@@ -115,8 +130,14 @@ class DeblendConfig:
                               "deterministic prediction's own ambiguity only).")
     share_floor: float = field(0.02, "Flux sharing: pixels where the members' summed probability is below "
                                      "this count for no member.")
-    flux_wings: int = field(4, "Member fluxes also take the light of a ring this wide (px) around the shared "
-                               "region, split in proportion to the members' shares (0: none).")
+    flux_wings: int = field(8, "Member fluxes also take the light of a ring this wide (px) around the shared "
+                               "region (0: none).")
+    flux_sharing: str = field("symmetric", "How members share the light: 'symmetric' (symmetric templates times "
+                                           "the probabilities) or 'probability' (the probabilities alone; the ring "
+                                           "split by the core fluxes). See the module docstring, step 6.")
+    template_smooth: int = field(3, "Box (px) smoothing the image before the symmetric templates (1: none).")
+    template_floor: float = field(0.05, "Added to each member's probability where it weights its template, so "
+                                        "that the wings beyond the masks are shared by the templates.")
     flip_average: bool = field(False, "Average the probabilities over the 8 flips/rotations of each stamp "
                                       "(8x the compute).")
     batch_size: int = field(32, "Stamps per forward call.")
@@ -140,6 +161,11 @@ class DeblendConfig:
         require(0 <= self.peak_rel_dip < 1, w, "peak_rel_dip", self.peak_rel_dip, "must be in [0, 1).")
         require(0 <= self.n_samples <= 64, w, "n_samples", self.n_samples, "must be in [0, 64].")
         require(0 < self.share_floor < 1, w, "share_floor", self.share_floor, "must be in (0, 1).")
+        require(self.flux_sharing in ("symmetric", "probability"), w, "flux_sharing", self.flux_sharing,
+                "use 'symmetric' or 'probability'.")
+        require(isinstance(self.template_smooth, int) and 1 <= self.template_smooth <= 15, w, "template_smooth",
+                self.template_smooth, "an integer number of px in [1, 15], e.g. 3.")
+        require(0 <= self.template_floor <= 1, w, "template_floor", self.template_floor, "must be in [0, 1].")
         require(0 <= self.flux_wings <= 32, w, "flux_wings", self.flux_wings, "must be in [0, 32] px.")
         require(self.batch_size >= 1, w, "batch_size", self.batch_size, "must be >= 1.")
 
@@ -491,7 +517,7 @@ class DeblendTask(ModelTask):
                 masks = DeblendRecipe.masks_from_probs(p)
                 err = self.calibrate(DeblendRecipe.error_probability(sp[:, None], masks[None])[0])
                 self._paste(rows, masks, p, err, (fy0, fx0), seg, data, rms2, new_seg, parent, unc,
-                            x, y, flux, flux_err, npix, flags)
+                            x, y, flux, flux_err, npix, flags, peaks)
 
         # new peaks that got no pixel (the network saw no galaxy there, or their blend was skipped) are dropped
         keep = np.ones(N, bool)
@@ -510,27 +536,57 @@ class DeblendTask(ModelTask):
         out.catalog = {k: v[keep] for k, v in cols.items()}
         return out
 
-    def _share_flux(self, shared, core, allowed, d, rms2, flux, flux_err):
-        """Member fluxes: the image shared by the probabilities over ``core``, plus the light of a ring of
-        ``flux_wings`` px around it (galaxy wings below the masks' 1-sigma edge), split between the members
-        in proportion to their shares of the core."""
-        if not shared:
+    def _share_flux(self, probs, allowed, d, rms2, flux, flux_err, centres, report=None):
+        """Member fluxes from the members' probability maps ``probs`` (member row -> map on the pixels ``d``),
+        written for the members in ``report`` (default all; a member whose mask came out empty still competes
+        for the light, so its light is not given to the others).
+
+        ``core``: pixels where the summed probability exceeds ``share_floor``, within ``allowed``; ``ring``:
+        ``flux_wings`` px around it (galaxy wings below the masks' 1-sigma edge). ``flux_sharing``:
+
+        * ``'symmetric'``: every pixel of core + ring is shared in proportion to ``T_k * (p_k + template_floor)``,
+          ``T_k`` the symmetric template of member k (the ``template_smooth`` px box-smoothed image, the
+          smaller of a pixel and its mirror about the member's centre ``centres[k]``, >= 0; SDSS's deblender's
+          templates), ``p_k`` its probability; where every template is 0, by the probabilities;
+        * ``'probability'``: the core by ``p_k / sum_j p_j``, the ring split in proportion to the members'
+          core fluxes.
+
+        Errors from the background variance ``rms2`` of the shared pixels.
+        """
+        report = list(probs) if report is None else [r for r in report if r in probs]
+        if not report:
             return
-        core_flux = {r: float(np.sum(w * d)) for r, w in shared.items()}
-        var = {r: float(np.sum(w * w * rms2)) for r, w in shared.items()}
+        cfg = self.config
+        total = sum(probs.values())
+        core = (total > cfg.share_floor) & allowed
+        prob_share = {r: np.where(core, pk / np.maximum(total, 1e-12), 0.0) for r, pk in probs.items()}
         ring = np.zeros_like(core)
-        if self.config.flux_wings > 0 and core.any():
-            ring = ndimage.binary_dilation(core, iterations=self.config.flux_wings) & allowed & ~core
+        if cfg.flux_wings > 0 and core.any():
+            ring = ndimage.binary_dilation(core, iterations=cfg.flux_wings) & allowed & ~core
+        if cfg.flux_sharing == "symmetric":
+            region = core | ring
+            src = ndimage.uniform_filter(d, cfg.template_smooth) if cfg.template_smooth > 1 else d
+            w = {r: symmetric_template(src, *centres[r]) * (probs[r] + cfg.template_floor) for r in probs}
+            wsum = sum(w.values())
+            fallback = wsum <= 0       # e.g. pixels below 0 (noise): by the probabilities, so noise stays unbiased
+            for r in report:
+                by_prob = probs[r] / np.maximum(total, 1e-12)
+                share = np.where(region, np.where(fallback, by_prob, w[r] / np.maximum(wsum, 1e-300)), 0.0)
+                flux[r] = float(np.sum(share * d))
+                flux_err[r] = math.sqrt(float(np.sum(share * share * rms2)))
+            return
+        core_flux = {r: float(np.sum(w * d)) for r, w in prob_share.items()}
+        var = {r: float(np.sum(w * w * rms2)) for r, w in prob_share.items()}
         pos = {r: max(f, 0.0) for r, f in core_flux.items()}
-        total = sum(pos.values())
+        tot = sum(pos.values())
         ring_flux, ring_var = float(np.sum(d[ring])), float(np.sum(rms2[ring]))
-        for r in shared:
-            frac = pos[r] / total if total > 0 else 0.0
+        for r in report:
+            frac = pos[r] / tot if tot > 0 else 0.0
             flux[r] = core_flux[r] + frac * ring_flux
             flux_err[r] = math.sqrt(var[r] + frac * frac * ring_var)
 
     def _paste(self, rows, masks, p, err, frame0, seg, data, rms2, new_seg, parent, unc,
-               x, y, flux, flux_err, npix, flags):
+               x, y, flux, flux_err, npix, flags, peaks):
         """Write one deblended blend (frame-shaped masks, probabilities, uncertainty) into the window."""
         fy0, fx0 = frame0
         H, W = masks.shape[-2:]
@@ -543,11 +599,9 @@ class DeblendTask(ModelTask):
         allowed = (sub == 0) | members
         region = new_seg[ws]
         region[members] = 0                                  # the members' sep pixels are re-assigned
-        total = p[(slice(None),) + fs].sum(axis=0)
-        share_ok = total > self.config.share_floor
         d = data[ws].astype(np.float64)
         yy, xx = np.mgrid[wy0:wy1, wx0:wx1]
-        shared = {}
+        shared = []       # members with pixels: their fluxes are written
         for k, r in enumerate(rows):
             m = masks[k][fs] & allowed
             if not m.any():
@@ -556,14 +610,16 @@ class DeblendTask(ModelTask):
                 continue
             region[m] = r + 1
             flags[r] |= FLAG_DEBLENDED
-            shared[r] = np.where(share_ok & allowed, p[k][fs] / np.maximum(total, 1e-12), 0.0)
+            shared.append(r)
             wt = np.clip(d[m], 0, None)
             if wt.sum() > 0:
                 y[r], x[r] = float(np.sum(wt * yy[m]) / wt.sum()), float(np.sum(wt * xx[m]) / wt.sum())
             else:
                 y[r], x[r] = float(yy[m].mean()), float(xx[m].mean())
             npix[r] = int(m.sum())
-        self._share_flux(shared, share_ok & allowed, allowed, d, rms2[ws], flux, flux_err)
+        probs = {r: p[k][fs].astype(np.float64) for k, r in enumerate(rows)}
+        centres = {r: (float(peaks[r, 0]) - wy0, float(peaks[r, 1]) - wx0) for r in rows}
+        self._share_flux(probs, allowed, d, rms2[ws], flux, flux_err, centres, report=shared)
         claimed = (region > 0) & allowed
         parent[ws][claimed | members] = rows[0] + 1
         unc[ws][allowed] = np.maximum(unc[ws][allowed], err[fs][allowed])

@@ -26,6 +26,7 @@ def whole_image(image_path, cfg: SepConfig):
     data = image - back
     data[mask] = 0
     sep.set_extract_pixstack(data.size)
+    sep.set_sub_object_limit(cfg.sub_object_limit)  # process-global: another test may have lowered it
     objs, seg = sep.extract(data, cfg.thresh, err=model.global_rms, mask=mask, minarea=cfg.minarea,
                             filter_kernel=make_kernel(cfg.filter_kernel), filter_type=cfg.filter_type,
                             deblend_nthresh=cfg.deblend_nthresh, deblend_cont=cfg.deblend_cont,
