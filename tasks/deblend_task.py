@@ -559,7 +559,6 @@ class DeblendTask(ModelTask):
         cfg = self.config
         total = sum(probs.values())
         core = (total > cfg.share_floor) & allowed
-        prob_share = {r: np.where(core, pk / np.maximum(total, 1e-12), 0.0) for r, pk in probs.items()}
         ring = np.zeros_like(core)
         if cfg.flux_wings > 0 and core.any():
             ring = ndimage.binary_dilation(core, iterations=cfg.flux_wings) & allowed & ~core
@@ -575,6 +574,7 @@ class DeblendTask(ModelTask):
                 flux[r] = float(np.sum(share * d))
                 flux_err[r] = math.sqrt(float(np.sum(share * share * rms2)))
             return
+        prob_share = {r: np.where(core, pk / np.maximum(total, 1e-12), 0.0) for r, pk in probs.items()}
         core_flux = {r: float(np.sum(w * d)) for r, w in prob_share.items()}
         var = {r: float(np.sum(w * w * rms2)) for r, w in prob_share.items()}
         pos = {r: max(f, 0.0) for r, f in core_flux.items()}
