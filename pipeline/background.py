@@ -187,22 +187,12 @@ def object_mask(image, mask, back, rms: float, thresh: float = 1.5, minarea: int
     ``minarea`` pixels and sep's default 3x3 filter, without deblending (only their union matters); grown by
     ``dilate`` iterations of a 3x3 square. Returns a bool mask, True = object (or already masked).
     """
+    from deepmosaic.tasks.sep_task import SepConfig, make_kernel, run_extract   # the sep stage's extraction
     data = np.ascontiguousarray(image - back, dtype=np.float32)
     bad = np.zeros(data.shape, bool) if mask is None else np.asarray(mask, bool)
-    stack = max(300_000, data.size)
-    for _ in range(6):
-        sep.set_extract_pixstack(int(stack))
-        try:
-            _, seg = sep.extract(data, thresh, err=float(rms),
-                                 mask=bad, minarea=int(minarea), deblend_nthresh=1, deblend_cont=1.0,
-                                 clean=False, segmentation_map=True)
-            break
-        except Exception as e:  # sep raises plain Exception with its C message
-            if "pixel buffer full" not in str(e):
-                raise
-            stack *= 4
-    else:
-        raise RuntimeError(f"sep.extract kept filling its pixel buffer on a {data.shape} window.")
+    cfg = SepConfig(thresh=float(thresh), minarea=int(minarea))
+    _, seg, _, _ = run_extract(data, bad, float(rms), cfg, make_kernel("default"), deblend_nthresh=1,
+                               deblend_cont=1.0, clean=False)
     objects = seg > 0
     if dilate > 0 and objects.any():
         from scipy.ndimage import binary_dilation

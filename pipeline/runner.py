@@ -84,7 +84,7 @@ def _mesh_block(tile, back_size: int, shape):
 def background_tile(source, tile, back_size: int, shape, first=None, masking=None):
     """Measure the background meshes owned by ``tile`` (worker side: reads its own pixels).
 
-    With ``first`` (the first pass's model) and ``masking`` (``{"dilate", "thresh", "minarea"}``), the
+    With ``first`` (the first pass's model; ``masking`` is then ``{"dilate", "thresh", "minarea"}``), the
     object-masked second pass: the meshes' window plus a margin (``MASK_MARGIN`` + the dilation, so the
     footprints that reach a mesh are whole) is read, objects are found on it against ``first`` and masked
     (:func:`background.object_mask`), and the meshes are measured without them.
@@ -124,7 +124,7 @@ def compute_background(ex, source, grid: TileGrid, back_size, filter_size, filte
         back = np.full((nmy, nmx), np.nan)
         rms = np.full((nmy, nmx), np.nan)
         bar = _progress(len(tiles), label)
-        jobs = [(source, t, back_size, grid.shape, model, masking if model is not None else None) for t in tiles]
+        jobs = [(source, t, back_size, grid.shape, model, masking) for t in tiles]
         for _, (j0, i0, b, r) in ex.map_unordered(background_tile, jobs):
             back[j0:j0 + b.shape[0], i0:i0 + b.shape[1]] = b
             rms[j0:j0 + r.shape[0], i0:i0 + r.shape[1]] = r
