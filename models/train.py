@@ -99,7 +99,14 @@ class Recipe:
                                        start=generation * size)
 
     def init_from(self, model, source) -> None:
-        """Start ``model`` from a trained ``source`` network: by default every tensor, strictly."""
+        """Start ``model`` from a trained ``source`` network: by default every tensor, strictly; a network with
+        ``stem='add_highpass'`` starts from one with ``stem='none'`` as the same function (the new input
+        channel's first-layer weights at zero; :func:`~deepmosaic.models.unet.widen_first_conv`)."""
+        stems = (getattr(getattr(model, "config", None), "stem", None),
+                 getattr(getattr(source, "config", None), "stem", None))
+        if stems == ("add_highpass", "none"):
+            from .unet import widen_first_conv
+            return widen_first_conv(model, source)
         model.load_state_dict(source.state_dict())
 
     def inputs_targets(self, batch: dict):  # pragma: no cover - abstract

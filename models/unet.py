@@ -22,6 +22,10 @@ channel ``x`` enters as ``asinh(x)`` and ``asinh(x - box_mean(x))`` (a ``2 * ste
 edge pixels averaged over the pixels present). In noise-sigma units the first compresses the dynamic range of
 bright galaxies and the second keeps what is sharper than the box (a PSF-sized clump on a bright smooth
 bulge) while removing the smooth light under it. The stem widens the receptive field by ``stem_radius``.
+``stem='add_highpass'`` keeps ``x`` itself as the first channel and adds ``asinh(x - box_mean(x))``: a network
+trained with ``stem='none'`` maps onto it exactly (its first convolution on channel 0, zeros on the new
+channel; see :func:`widen_first_conv`), so the high-pass view can be learned by fine-tuning instead of from
+scratch.
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ from deepmosaic.pipeline.config import field, from_mapping, require, to_dict
 from .registry import register
 
 NORMS = ("batch", "group", "none")
-STEMS = ("none", "highpass")
+STEMS = ("none", "highpass", "add_highpass")
+TWO_CHANNEL_STEMS = ("highpass", "add_highpass")
 UPSAMPLES = ("transpose", "bilinear")
 PAD_MODES = ("reflect", "replicate", "zeros")
 
@@ -58,7 +63,8 @@ class UNetConfig:
                                      "'reflect' | 'replicate' | 'zeros' (reflect falls back to replicate "
                                      "when the input is smaller than the pad)")
     stem: str = field("none", "fixed input transform before the first conv: 'none' | 'highpass' (each channel "
-                              "as asinh(x) and asinh(x - box mean); see the module docstring)")
+                              "as asinh(x) and asinh(x - box mean)) | 'add_highpass' (x and asinh(x - box "
+                              "mean)); see the module docstring")
     stem_radius: int = field(4, "half-size of the highpass stem's box (px); the box is 2 r + 1 px wide")
 
     def validate(self, where: str = "unet") -> None:
@@ -222,12 +228,35 @@ def receptive_reach(depth: int, upsample: str = "transpose", head_radius: int = 
     return halo, size
 
 
-def highpass_stem(x: torch.Tensor, radius: int) -> torch.Tensor:
+def highpass_stem(x: torch.Tensor, radius: int, keep_input: bool = False) -> torch.Tensor:
     """``cat([asinh(x), asinh(x - box_mean(x))], dim=1)``: (B, C, H, W) -> (B, 2C, H, W); the box is
-    ``2 radius + 1`` px square, averaged over the pixels inside the input at its edges."""
+    ``2 radius + 1`` px square, averaged over the pixels inside the input at its edges. ``keep_input``: the
+    first half is ``x`` itself (the ``add_highpass`` stem)."""
     k = 2 * radius + 1
     mean = F.avg_pool2d(x, k, stride=1, padding=radius, count_include_pad=False)
-    return torch.cat([torch.asinh(x), torch.asinh(x - mean)], dim=1)
+    return torch.cat([x if keep_input else torch.asinh(x), torch.asinh(x - mean)], dim=1)
+
+
+def widen_first_conv(model: nn.Module, source: nn.Module) -> None:
+    """Load ``source`` (a U-Net-family network with ``stem='none'``) into ``model`` (the same network with
+    ``stem='add_highpass'``): every tensor as it is, except the first convolution's weight, whose new input
+    channels start at zero. ``model`` then computes exactly what ``source`` does."""
+    own, theirs = model.state_dict(), source.state_dict()
+    if set(own) != set(theirs):
+        raise ValueError("widen_first_conv: the two networks differ in more than their stem")
+    widened = {}
+    for k, v in theirs.items():
+        if own[k].shape == v.shape:
+            widened[k] = v
+        elif (own[k].ndim == 4 and v.ndim == 4 and own[k].shape[0] == v.shape[0]
+              and own[k].shape[2:] == v.shape[2:] and own[k].shape[1] == 2 * v.shape[1]):
+            w = torch.zeros_like(own[k])
+            w[:, :v.shape[1]] = v
+            widened[k] = w
+        else:
+            raise ValueError(f"widen_first_conv: {k} is {tuple(v.shape)} in the source and "
+                             f"{tuple(own[k].shape)} here; only the first convolution's input may double")
+    model.load_state_dict(widened)
 
 
 class HaloMixin:
@@ -277,7 +306,7 @@ class UNet(HaloMixin, nn.Module):
     def __init__(self, config: UNetConfig | dict | None = None, **kwargs):
         super().__init__()
         self.config = coerce_config(UNetConfig, config, kwargs, "unet")
-        stem_in = self.config.in_channels * (2 if self.config.stem == "highpass" else 1)
+        stem_in = self.config.in_channels * (2 if self.config.stem in TWO_CHANNEL_STEMS else 1)
         self.body = UNetBody(dataclasses.replace(self.config, in_channels=stem_in))
         self.head = nn.Conv2d(self.body.out_channels, self.config.out_channels, 1)
 
@@ -285,8 +314,8 @@ class UNet(HaloMixin, nn.Module):
         """Last decoder features, (B, base_channels, H, W), cropped to the input's size."""
         check_input(x, self.config.in_channels, type(self).__name__)
         h, w = x.shape[-2:]
-        if self.config.stem == "highpass":      # on the unpadded input, so padding never enters the box mean
-            x = highpass_stem(x, self.config.stem_radius)
+        if self.config.stem in TWO_CHANNEL_STEMS:   # on the unpadded input: padding never enters the box mean
+            x = highpass_stem(x, self.config.stem_radius, keep_input=self.config.stem == "add_highpass")
         y = self.body(pad_to_multiple(x, self.stride_multiple, self.config.pad_mode))
         return y[..., :h, :w]
 

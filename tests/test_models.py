@@ -267,7 +267,8 @@ def _empirical_reach(model, n_positions):
 
 @pytest.mark.parametrize("name, over", [("unet", {}), ("unet", {"upsample": "bilinear"}),
                                         ("unet", {"norm": "none"}), ("centernet", {}),
-                                        ("unet", {"stem": "highpass", "stem_radius": 3})])
+                                        ("unet", {"stem": "highpass", "stem_radius": 3}),
+                                        ("unet", {"stem": "add_highpass", "stem_radius": 2})])
 def test_halo_equals_empirical_receptive_field(name, over):
     torch.manual_seed(0)
     model = _randomise_norm_stats(registry.build(name, **SMALL, **over)).double().eval()
@@ -299,7 +300,34 @@ def test_highpass_stem_keeps_a_bump_and_drops_smooth_light():
         UNet(stem="lowpass")
 
 
-@pytest.mark.parametrize("over", [{}, {"stem": "highpass", "stem_radius": 5}])
+def test_add_highpass_stem_starts_as_the_plain_network_and_can_learn():
+    """A stem='none' network maps onto stem='add_highpass' exactly (training's init), and the new channel's
+    weights get gradients, so fine-tuning can use the high-pass view."""
+    from deepmosaic.models.train import ClumpRecipe
+    from deepmosaic.models.unet import highpass_stem
+    x = torch.randn(2, 1, 40, 48, dtype=torch.float64) * 5
+    stem = highpass_stem(x, 3, keep_input=True)
+    torch.testing.assert_close(stem[:, :1], x)
+    torch.testing.assert_close(stem[:, 1:], highpass_stem(x, 3)[:, 1:])
+    torch.manual_seed(0)
+    plain = _randomise_norm_stats(UNet(**SMALL)).double().eval()
+    wide = UNet(**SMALL, stem="add_highpass", stem_radius=3).double()
+    ClumpRecipe(None).init_from(wide, plain)
+    wide.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), plain(x), rtol=1e-12, atol=1e-12)
+    first = next(p for p in wide.parameters() if p.ndim == 4)
+    assert first.shape[1] == 2 and float(first[:, 1].abs().max()) == 0.0
+    wide.train()
+    wide(x).sum().backward()
+    assert float(first.grad[:, 1].abs().max()) > 0
+    with pytest.raises(ValueError, match="first convolution"):
+        from deepmosaic.models.unet import widen_first_conv
+        widen_first_conv(UNet(**{**SMALL, "base_channels": 4}, stem="add_highpass"), UNet(**SMALL))
+
+
+@pytest.mark.parametrize("over", [{}, {"stem": "highpass", "stem_radius": 5},
+                                  {"stem": "add_highpass", "stem_radius": 3}])
 def test_tiled_equals_untiled_with_aligned_halo(over):
     """A window whose origin is on the pooling grid reproduces the untiled output on its core."""
     torch.manual_seed(0)
