@@ -46,6 +46,9 @@ class MorphNetConfig:
     hidden: int = field(192, "width of the MLP head")
     dropout: float = field(0.0, "dropout before the last layer")
     cal_bins: int = field(1, "bins of the log brightness scale (S/N) with their own sigma calibration factors")
+    bd_head: bool = field(False, "one more output: the logit of 'a bulge + disk galaxy' (trained with binary "
+                                 "cross-entropy beside the NLL), which also teaches the shared features to tell "
+                                 "the two kinds apart")
 
     def validate(self, where: str = "morphnet") -> None:
         require(self.stamp_size >= 16 and self.stamp_size % 8 == 0, where, "stamp_size", self.stamp_size,
@@ -84,12 +87,13 @@ class MorphNet(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(9 * c[6] + N_SCALARS, config.hidden), nn.ReLU(inplace=True),
             nn.Linear(config.hidden, config.hidden), nn.ReLU(inplace=True), nn.Dropout(config.dropout),
-            nn.Linear(config.hidden, 6 + N_SIGMA))
+            nn.Linear(config.hidden, 6 + N_SIGMA + int(bool(config.bd_head))))
         self.register_buffer("sigma_scale", torch.ones(config.cal_bins, N_SIGMA))
         self.register_buffer("cal_edges", torch.zeros(max(config.cal_bins - 1, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [B, 1 + N_SCALARS, S, S] (:func:`prepare_inputs`) -> raw ``[B, 11]``."""
+        """``x`` [B, 1 + N_SCALARS, S, S] (:func:`prepare_inputs`) -> raw ``[B, 11]`` (``[B, 12]`` with
+        ``bd_head``: the last column is the bulge + disk logit)."""
         s = self.config.stamp_size
         if x.ndim != 4 or x.shape[1] != 1 + N_SCALARS or x.shape[-2:] != (s, s):
             raise ValueError(f"MorphNet input of shape {tuple(x.shape)}: expected [B, {1 + N_SCALARS}, {s}, {s}] "
@@ -104,7 +108,13 @@ class MorphNet(nn.Module):
             scale = self.sigma_scale[torch.bucketize(x[:, 1, 0, 0].contiguous(), self.cal_edges)]
         else:
             scale = self.sigma_scale[0]
-        return out[:, :6], torch.exp(out[:, 6:].clamp(-7.0, 3.0)) * scale
+        return out[:, :6], torch.exp(out[:, 6:6 + N_SIGMA].clamp(-7.0, 3.0)) * scale
+
+    def bd_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Probability [B] that each stamp is a bulge + disk galaxy (needs ``bd_head``)."""
+        if not self.config.bd_head:
+            raise ValueError("MorphNet.bd_prob: this network has no bulge + disk head (config bd_head=False).")
+        return torch.sigmoid(self(x)[:, 6 + N_SIGMA])
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -156,16 +166,24 @@ def targets(batch: dict) -> np.ndarray:
                      batch["bulge_frac"], (~bd).astype(np.float64), bd.astype(np.float64)], 1).astype(np.float32)
 
 
+#: weight of the bulge + disk classification loss beside the NLL (networks with ``bd_head``)
+BD_LOSS_WEIGHT = 1.0
+
+
 def nll(raw: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean Gaussian negative log-likelihood (constant dropped) of raw outputs against :func:`targets`."""
-    mu, log_sig = raw[:, :6], raw[:, 6:].clamp(-7.0, 3.0)
+    """Mean Gaussian negative log-likelihood (constant dropped) of raw outputs against :func:`targets`; with a
+    bulge + disk logit (a 12th column), plus ``BD_LOSS_WEIGHT`` times its binary cross-entropy."""
+    mu, log_sig = raw[:, :6], raw[:, 6:6 + N_SIGMA].clamp(-7.0, 3.0)
     # sigma per mean: log hlr, log n, q, cos, sin (shared), B/T
     ls = torch.stack([log_sig[:, 0], log_sig[:, 1], log_sig[:, 2], log_sig[:, 3], log_sig[:, 3], log_sig[:, 4]], 1)
     term = 0.5 * ((y[:, :6] - mu) * torch.exp(-ls)) ** 2 + ls
     w = torch.ones_like(term)
     w[:, 1] = y[:, 6]
     w[:, 5] = y[:, 7]
-    return (term * w).sum() / w.sum()
+    loss = (term * w).sum() / w.sum()
+    if raw.shape[1] > 6 + N_SIGMA:
+        loss = loss + BD_LOSS_WEIGHT * nn.functional.binary_cross_entropy_with_logits(raw[:, 6 + N_SIGMA], y[:, 7])
+    return loss
 
 
 def decode(mu: np.ndarray, sig: np.ndarray) -> dict[str, np.ndarray]:
@@ -354,8 +372,18 @@ class MorphologyRecipe:
 
     def init_from(self, model, source) -> None:
         """``train.init``: continue from a trained MorphNet (every tensor, strictly; the calibration buffers
-        are not taken, so a calibrated source with any number of bins fits a new network; sigmas unscaled)."""
-        load_trained(model, source.state_dict(), "train.init")
+        are not taken, so a calibrated source with any number of bins fits a new network; sigmas unscaled).
+        A network with ``bd_head`` starts from one without it as the same regression (the new output's
+        weights at zero: probability 0.5)."""
+        state = dict(source.state_dict())
+        last = f"head.{len(model.head) - 1}"
+        own = model.state_dict()
+        if own[f"{last}.weight"].shape[0] == state[f"{last}.weight"].shape[0] + 1:
+            for k in ("weight", "bias"):
+                grown = torch.zeros_like(own[f"{last}.{k}"])
+                grown[:-1] = state[f"{last}.{k}"]
+                state[f"{last}.{k}"] = grown
+        load_trained(model, state, "train.init")
         model.sigma_scale.fill_(1.0)
 
     def inputs_targets(self, batch: dict):
@@ -370,13 +398,18 @@ class MorphologyRecipe:
         x, y = self.inputs_targets(batch)
         raw = torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)])
         loss = float(nll(raw, y))
-        mu, sig = raw[:, :6].numpy(), torch.exp(raw[:, 6:].clamp(-7.0, 3.0)).numpy()
+        mu, sig = raw[:, :6].numpy(), torch.exp(raw[:, 6:6 + N_SIGMA].clamp(-7.0, 3.0)).numpy()
         err = errors_vs_truth(decode(mu, sig), batch)
         good = np.asarray(batch["snr"]) >= 20
         r_med = float(np.median(np.abs(err["r_rel"][good])))
-        return {"neg_r_med_rel": -r_med, "r_med_rel": r_med,
-                "n_med_rel": float(np.nanmedian(np.abs(err["n_rel"][good]))),
-                "bt_med_abs": float(np.nanmedian(err["bt_abs"][good])), "nll": loss}
+        out = {"neg_r_med_rel": -r_med, "r_med_rel": r_med,
+               "n_med_rel": float(np.nanmedian(np.abs(err["n_rel"][good]))),
+               "bt_med_abs": float(np.nanmedian(err["bt_abs"][good])), "nll": loss}
+        if raw.shape[1] > 6 + N_SIGMA:
+            from deepmosaic.pipeline.metrics import roc_auc
+            bright = np.asarray(batch["snr"]) >= 100
+            out["bd_auc_snr100"] = roc_auc(raw[:, 6 + N_SIGMA].numpy()[bright], np.asarray(batch["is_bd"])[bright])
+        return out
 
 
 __all__ = ["MorphNet", "MorphNetConfig", "MorphologyRecipe", "PARAMS", "prepare_inputs", "brightness_scale",

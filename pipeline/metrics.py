@@ -573,6 +573,28 @@ def flux_residuals(pred_flux, true_flux):
     return out
 
 
+def roc_auc(scores, labels):
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (the probability that a random positive
+    scores above a random negative; ties count half). NaN when either class is absent.
+
+    Examples
+    --------
+    >>> roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    0.75
+    """
+    from scipy.stats import rankdata
+    s = np.asarray(scores, np.float64).ravel()
+    y = np.asarray(labels).astype(bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"roc_auc: scores {s.shape} and labels {y.shape} differ in length; give one label per score.")
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = rankdata(s)
+    return float((r[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
 def binned_scores(values, matched, bins=10):
     """Fraction of matched objects in bins of a quantity (completeness or purity curves).
 

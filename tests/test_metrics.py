@@ -642,3 +642,13 @@ def test_average_precision_one_to_one_by_score():
     assert ap_low == 1.0
     pred_bad = np.array([[5.0, 5.0, 2.0, 2.0], [0.0, 0.0, 2.0, 2.0]])
     assert M.average_precision(truth, pred_bad, [0.9, 0.5]) == pytest.approx(0.5)
+
+
+def test_roc_auc():
+    from deepmosaic.pipeline.metrics import roc_auc
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert roc_auc([1, 2, 3], [0, 1, 1]) == 1.0 and roc_auc([3, 2, 1], [0, 1, 1]) == 0.0
+    assert roc_auc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5                   # ties count half
+    assert np.isnan(roc_auc([1, 2], [1, 1]))
+    with pytest.raises(ValueError, match="one label per score"):
+        roc_auc([1, 2, 3], [0, 1])

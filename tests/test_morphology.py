@@ -172,6 +172,38 @@ def test_fine_tuning_takes_the_weights_of_a_calibrated_source_but_not_its_calibr
         MorphologyRecipe(None).init_from(build("morphnet", channels=[4] * 7, hidden=16), source)
 
 
+def test_bd_head_starts_as_the_plain_network_and_learns_from_its_own_loss():
+    """bd_head adds a bulge + disk logit: started from a network without it, the regression is unchanged and
+    the probability is 0.5; its cross-entropy enters the loss; the evaluation reports its AUC."""
+    torch.manual_seed(2)
+    source = build("morphnet", channels=[4] * 7, hidden=8).eval()
+    model = build("morphnet", channels=[4] * 7, hidden=8, bd_head=True)
+    MorphologyRecipe(None).init_from(model, source)
+    model.eval()
+    x = torch.from_numpy(prepare_inputs(np.random.default_rng(3).normal(size=(4, 48, 48)), 3.5, 3.0))
+    with torch.no_grad():
+        raw = model(x)
+        assert raw.shape == (4, 12)
+        torch.testing.assert_close(raw[:, :11], source(x))
+        torch.testing.assert_close(model.bd_prob(x), torch.full((4,), 0.5))
+        for a, b in zip(model.mean_sigma(x), source.mean_sigma(x)):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="bd_head"):
+        source.bd_prob(x)
+    batch = {"hlr": np.array([3.0, 3.0]), "sersic_n": np.array([2.0, 1.0]), "q": np.array([0.5, 0.5]),
+             "angle": np.array([30.0, 30.0]), "bulge_frac": np.array([0.0, 0.4]), "is_bd": np.array([False, True])}
+    y = torch.from_numpy(targets(batch))
+    raw = torch.zeros(2, 12)
+    right, wrong = raw.clone(), raw.clone()
+    right[:, 11] = torch.tensor([-5.0, 5.0])
+    wrong[:, 11] = torch.tensor([5.0, -5.0])
+    assert float(nll(right, y)) < float(nll(raw, y)) - 0.6 < float(nll(wrong, y)) - 1.2
+    assert float(nll(raw, y)) == pytest.approx(float(nll(raw[:, :11], y)) + math.log(2), abs=1e-5)
+    scores = MorphologyRecipe({"snr_range": [150.0, 400.0]}).evaluate(model, md.make_morph_batch(
+        md.MorphSetConfig(snr_range=(150.0, 400.0)), seed=1, n=24, split="val"))
+    assert scores["bd_auc_snr100"] == pytest.approx(0.5)          # an untrained logit: every score ties
+
+
 # ------------------------------------------------------------------------------------------- training set
 
 def test_mosaic_population_and_core_fraction():
