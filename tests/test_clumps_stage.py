@@ -243,3 +243,24 @@ def test_a_stage_without_the_stage_it_needs_is_refused_before_running(tmp_path):
     with pytest.raises(ConfigError, match="needs sep before it"):
         run(str(img), tmp_path / "o.zarr", stages="clumps", tile=128, workers=0)
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_a_network_with_a_stem_runs_seamlessly_in_the_stage(scene, tmp_path):
+    """Weights with a stem (stem='add_highpass', as `train.init` makes them from stem='none' ones) load and run
+    in the stage, whose halo includes the stem's reach, and small patches give the same map as one pass. (The
+    exactness of that halo is checked on the network in test_models, in float64: a random network's outermost
+    receptive-field pixels are too weak to show here.)"""
+    from deepmosaic.models.registry import build
+    from deepmosaic.models.weights_io import save_model
+    torch.manual_seed(0)
+    net = build("unet", in_channels=1, out_channels=1, depth=2, base_channels=4, stem="add_highpass",
+                stem_radius=6).eval()
+    base = tmp_path / "stem_clumps"
+    save_model(net, base, {"training_set": {"kind": "clumps"}}, dtype="float32")
+    task = ClumpsTask({"weights": str(base)})
+    assert task.halo >= net.halo() + 8
+    assert net.halo() == 23 + 6            # depth 2: 23 px; the box reaches 6 px more
+    x = ClumpsTask.normalise(tile_input(scene[0][70:170, 75:190].copy()))
+    ref = task.probability(x, (70, 75))
+    small = ClumpsTask({"weights": str(base), "patch": 24, "batch_size": 3}).probability(x, (70, 75))
+    assert np.abs(small - ref).max() < 1e-5
