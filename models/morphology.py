@@ -35,6 +35,17 @@ N_SIGMA = 5
 N_SCALARS = 3
 
 
+#: column of the bulge + disk logit in the raw output of a network with ``bd_head``
+BD_COLUMN = 6 + N_SIGMA
+
+
+def split_raw(raw: torch.Tensor):
+    """Raw outputs -> ``(means [B, 6], log sigmas [B, 5] clamped to [-7, 3], bulge + disk logit [B] or None)``:
+    the one place that knows the output layout."""
+    bd = raw[:, BD_COLUMN] if raw.shape[1] > BD_COLUMN else None
+    return raw[:, :6], raw[:, 6:BD_COLUMN].clamp(-7.0, 3.0), bd
+
+
 @dataclass(frozen=True)
 class MorphNetConfig:
     """Architecture of a :class:`MorphNet` (saved in the model card)."""
@@ -87,7 +98,7 @@ class MorphNet(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(9 * c[6] + N_SCALARS, config.hidden), nn.ReLU(inplace=True),
             nn.Linear(config.hidden, config.hidden), nn.ReLU(inplace=True), nn.Dropout(config.dropout),
-            nn.Linear(config.hidden, 6 + N_SIGMA + int(bool(config.bd_head))))
+            nn.Linear(config.hidden, BD_COLUMN + int(bool(config.bd_head))))
         self.register_buffer("sigma_scale", torch.ones(config.cal_bins, N_SIGMA))
         self.register_buffer("cal_edges", torch.zeros(max(config.cal_bins - 1, 1)))
 
@@ -103,18 +114,18 @@ class MorphNet(nn.Module):
 
     def mean_sigma(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Means [B, 6] and calibrated sigmas [B, 5] (sigmas clamped to exp([-7, 3]) before the scale)."""
-        out = self(x)
+        mu, log_sig, _ = split_raw(self(x))
         if self.config.cal_bins > 1:
             scale = self.sigma_scale[torch.bucketize(x[:, 1, 0, 0].contiguous(), self.cal_edges)]
         else:
             scale = self.sigma_scale[0]
-        return out[:, :6], torch.exp(out[:, 6:6 + N_SIGMA].clamp(-7.0, 3.0)) * scale
+        return mu, torch.exp(log_sig) * scale
 
     def bd_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Probability [B] that each stamp is a bulge + disk galaxy (needs ``bd_head``)."""
         if not self.config.bd_head:
             raise ValueError("MorphNet.bd_prob: this network has no bulge + disk head (config bd_head=False).")
-        return torch.sigmoid(self(x)[:, 6 + N_SIGMA])
+        return torch.sigmoid(split_raw(self(x))[2])
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -173,7 +184,7 @@ BD_LOSS_WEIGHT = 1.0
 def nll(raw: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean Gaussian negative log-likelihood (constant dropped) of raw outputs against :func:`targets`; with a
     bulge + disk logit (a 12th column), plus ``BD_LOSS_WEIGHT`` times its binary cross-entropy."""
-    mu, log_sig = raw[:, :6], raw[:, 6:6 + N_SIGMA].clamp(-7.0, 3.0)
+    mu, log_sig, bd_logit = split_raw(raw)
     # sigma per mean: log hlr, log n, q, cos, sin (shared), B/T
     ls = torch.stack([log_sig[:, 0], log_sig[:, 1], log_sig[:, 2], log_sig[:, 3], log_sig[:, 3], log_sig[:, 4]], 1)
     term = 0.5 * ((y[:, :6] - mu) * torch.exp(-ls)) ** 2 + ls
@@ -181,8 +192,8 @@ def nll(raw: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     w[:, 1] = y[:, 6]
     w[:, 5] = y[:, 7]
     loss = (term * w).sum() / w.sum()
-    if raw.shape[1] > 6 + N_SIGMA:
-        loss = loss + BD_LOSS_WEIGHT * nn.functional.binary_cross_entropy_with_logits(raw[:, 6 + N_SIGMA], y[:, 7])
+    if bd_logit is not None:
+        loss = loss + BD_LOSS_WEIGHT * nn.functional.binary_cross_entropy_with_logits(bd_logit, y[:, 7])
     return loss
 
 
@@ -398,17 +409,18 @@ class MorphologyRecipe:
         x, y = self.inputs_targets(batch)
         raw = torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)])
         loss = float(nll(raw, y))
-        mu, sig = raw[:, :6].numpy(), torch.exp(raw[:, 6:6 + N_SIGMA].clamp(-7.0, 3.0)).numpy()
+        mu, log_sig, bd_logit = split_raw(raw)
+        mu, sig = mu.numpy(), torch.exp(log_sig).numpy()
         err = errors_vs_truth(decode(mu, sig), batch)
         good = np.asarray(batch["snr"]) >= 20
         r_med = float(np.median(np.abs(err["r_rel"][good])))
         out = {"neg_r_med_rel": -r_med, "r_med_rel": r_med,
                "n_med_rel": float(np.nanmedian(np.abs(err["n_rel"][good]))),
                "bt_med_abs": float(np.nanmedian(err["bt_abs"][good])), "nll": loss}
-        if raw.shape[1] > 6 + N_SIGMA:
+        if bd_logit is not None:
             from deepmosaic.pipeline.metrics import roc_auc
             bright = np.asarray(batch["snr"]) >= 100
-            out["bd_auc_snr100"] = roc_auc(raw[:, 6 + N_SIGMA].numpy()[bright], np.asarray(batch["is_bd"])[bright])
+            out["bd_auc_snr100"] = roc_auc(bd_logit.numpy()[bright], np.asarray(batch["is_bd"])[bright])
         return out
 
 
