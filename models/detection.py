@@ -20,6 +20,7 @@ input, ``[y, x]``, with pixel centres at integers.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -33,7 +34,8 @@ from deepmosaic.pipeline.config import field, require, to_dict
 
 from . import losses
 from .registry import register
-from .unet import HaloMixin, UNetBody, UNetConfig, check_input, coerce_config, pad_to_multiple
+from .unet import (HaloMixin, UNetBody, UNetConfig, apply_stem, check_input, coerce_config, pad_to_multiple,
+                   stem_channels)
 
 HEADS = ("heatmap", "size", "offset")
 
@@ -56,6 +58,9 @@ class CenterNetConfig:
     pad_mode: str = field("reflect", "padding up to a multiple of 2**depth: 'reflect' | 'replicate' | 'zeros'")
     head_channels: int = field(16, "hidden channels of each head's 3x3 conv")
     heatmap_prior: float = field(0.1, "initial heatmap probability (sets the heatmap bias; CenterNet uses 0.1)")
+    stem: str = field("none", "fixed input transform before the body, as UNetConfig.stem: 'none' | 'highpass' | "
+                              "'add_highpass' (x and asinh(x - box mean); starts exactly from a 'none' network)")
+    stem_radius: int = field(4, "half-size of the stem's box (px)")
     class_head: bool = field(False, "one objectness heatmap channel + a class-logit head (True), or one "
                                     "heatmap channel per class (False, the original CenterNet)")
 
@@ -76,7 +81,8 @@ class CenterNetConfig:
     def unet_config(self) -> UNetConfig:
         return UNetConfig(in_channels=self.in_channels, out_channels=1, depth=self.depth,
                           base_channels=self.base_channels, norm=self.norm, groups=self.groups,
-                          upsample=self.upsample, pad_mode=self.pad_mode)
+                          upsample=self.upsample, pad_mode=self.pad_mode, stem=self.stem,
+                          stem_radius=self.stem_radius)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -98,7 +104,7 @@ class CenterNet(HaloMixin, nn.Module):
     def __init__(self, config: CenterNetConfig | dict | None = None, **kwargs):
         super().__init__()
         cfg = self.config = coerce_config(CenterNetConfig, config, kwargs, "centernet")
-        self.body = UNetBody(cfg.unet_config())
+        self.body = UNetBody(dataclasses.replace(cfg.unet_config(), in_channels=stem_channels(cfg)))
         f = self.body.out_channels
         n_heat = 1 if cfg.class_head else cfg.n_classes
         heads = {"heatmap": _head(f, cfg.head_channels, n_heat), "size": _head(f, cfg.head_channels, 2),
@@ -111,7 +117,7 @@ class CenterNet(HaloMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         check_input(x, self.config.in_channels, "CenterNet")
         h, w = x.shape[-2:]
-        feats = self.body(pad_to_multiple(x, self.stride_multiple, self.config.pad_mode))
+        feats = self.body(pad_to_multiple(apply_stem(self.config, x), self.stride_multiple, self.config.pad_mode))
         return {name: head(feats)[..., :h, :w] for name, head in self.heads.items()}
 
     def loss(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],

@@ -237,6 +237,18 @@ def highpass_stem(x: torch.Tensor, radius: int, keep_input: bool = False) -> tor
     return torch.cat([x if keep_input else torch.asinh(x), torch.asinh(x - mean)], dim=1)
 
 
+def stem_channels(config) -> int:
+    """Input channels of the body behind ``config``'s stem (a config with ``in_channels``, ``stem``)."""
+    return config.in_channels * (2 if config.stem in TWO_CHANNEL_STEMS else 1)
+
+
+def apply_stem(config, x: torch.Tensor) -> torch.Tensor:
+    """``config``'s stem on an unpadded input (so padding never enters the box mean); 'none' passes ``x``."""
+    if config.stem not in TWO_CHANNEL_STEMS:
+        return x
+    return highpass_stem(x, config.stem_radius, keep_input=config.stem == "add_highpass")
+
+
 def widen_first_conv(model: nn.Module, source: nn.Module) -> None:
     """Load ``source`` (a U-Net-family network with ``stem='none'``) into ``model`` (the same network with
     ``stem='add_highpass'``): every tensor as it is, except the first convolution's weight, whose new input
@@ -306,16 +318,14 @@ class UNet(HaloMixin, nn.Module):
     def __init__(self, config: UNetConfig | dict | None = None, **kwargs):
         super().__init__()
         self.config = coerce_config(UNetConfig, config, kwargs, "unet")
-        stem_in = self.config.in_channels * (2 if self.config.stem in TWO_CHANNEL_STEMS else 1)
-        self.body = UNetBody(dataclasses.replace(self.config, in_channels=stem_in))
+        self.body = UNetBody(dataclasses.replace(self.config, in_channels=stem_channels(self.config)))
         self.head = nn.Conv2d(self.body.out_channels, self.config.out_channels, 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Last decoder features, (B, base_channels, H, W), cropped to the input's size."""
         check_input(x, self.config.in_channels, type(self).__name__)
         h, w = x.shape[-2:]
-        if self.config.stem in TWO_CHANNEL_STEMS:   # on the unpadded input: padding never enters the box mean
-            x = highpass_stem(x, self.config.stem_radius, keep_input=self.config.stem == "add_highpass")
+        x = apply_stem(self.config, x)
         y = self.body(pad_to_multiple(x, self.stride_multiple, self.config.pad_mode))
         return y[..., :h, :w]
 

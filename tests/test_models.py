@@ -268,7 +268,8 @@ def _empirical_reach(model, n_positions):
 @pytest.mark.parametrize("name, over", [("unet", {}), ("unet", {"upsample": "bilinear"}),
                                         ("unet", {"norm": "none"}), ("centernet", {}),
                                         ("unet", {"stem": "highpass", "stem_radius": 3}),
-                                        ("unet", {"stem": "add_highpass", "stem_radius": 2})])
+                                        ("unet", {"stem": "add_highpass", "stem_radius": 2}),
+                                        ("centernet", {"stem": "add_highpass", "stem_radius": 3})])
 def test_halo_equals_empirical_receptive_field(name, over):
     torch.manual_seed(0)
     model = _randomise_norm_stats(registry.build(name, **SMALL, **over)).double().eval()
@@ -324,6 +325,27 @@ def test_add_highpass_stem_starts_as_the_plain_network_and_can_learn():
     with pytest.raises(ValueError, match="first convolution"):
         from deepmosaic.models.unet import widen_first_conv
         widen_first_conv(UNet(**{**SMALL, "base_channels": 4}, stem="add_highpass"), UNet(**SMALL))
+
+
+def test_detector_with_add_highpass_stem_starts_as_the_plain_detector():
+    """The detect recipe widens a plain CenterNet onto the add_highpass stem as the same function (every head),
+    and the stem's box adds its radius to the halo."""
+    from deepmosaic.models.train import DetectRecipe
+    torch.manual_seed(0)
+    plain = _randomise_norm_stats(registry.build("centernet", **SMALL, class_head=True)).double().eval()
+    wide = registry.build("centernet", **SMALL, class_head=True, stem="add_highpass", stem_radius=3).double()
+    DetectRecipe(None).init_from(wide, plain)
+    wide.eval()
+    x = torch.randn(2, 1, 44, 52, dtype=torch.float64) * 4
+    x[0, 0, 20:23, 30:33] += 300.0
+    with torch.no_grad():
+        a, b = plain(x), wide(x)
+    assert set(a) == set(b) == {"heatmap", "size", "offset", "class"}
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-12, atol=1e-12)
+    assert wide.halo() == plain.halo() + 3
+    with pytest.raises(ConfigError, match="stem"):
+        registry.build("centernet", **SMALL, stem="lowpass")
 
 
 @pytest.mark.parametrize("over", [{}, {"stem": "highpass", "stem_radius": 5},
