@@ -3,6 +3,7 @@ the uncertainty's reliability, and the stage's cost on a large field.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_deblend.py [--n 400] [--size 8192]
         [--weights models/weights/deblend] [--no-field] [--no-hst] [--no-stage] [--flips] [--set PARAM=VALUE]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_deblend.py --split val --seed 78 --no-stage --weights W
     .venv/bin/python benchmarks/bench_deblend.py --calibrate    # fit the uncertainty calibration (val split)
 
 Blend sets (built reproducibly; none of them is ever used in training):
@@ -49,9 +50,9 @@ UNC_BINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 
 # ------------------------------------------------------------------------------------------------ blend sets
 
-def sim_set(n: int, **overrides) -> dict:
+def sim_set(n: int, seed: int = SEED, split: str = "test", **overrides) -> dict:
     from deepmosaic.models.datasets import make_batch
-    return make_batch("blends", overrides or None, seed=SEED, n=n, split="test")
+    return make_batch("blends", overrides or None, seed=seed, n=n, split=split)
 
 
 def hst_set(n: int) -> dict:
@@ -362,6 +363,11 @@ def main(argv=None):
                     help="fit the uncertainty calibration on the validation split, write it into the card, stop")
     ap.add_argument("--flips", action="store_true", help="also the network with 8-flip averaging (8x slower)")
     ap.add_argument("--no-stage", action="store_true", help="network only (no sep / stage rows)")
+    ap.add_argument("--split", default="test", choices=("test", "val"),
+                    help="'val' scores the simulated sets on validation pairs (to choose between weights without "
+                         "touching the test pairs; training validates on 'val' seed 0, so pick another seed); "
+                         "the real-galaxy set and the field run are held-out sets and are skipped")
+    ap.add_argument("--seed", type=int, default=SEED, help="seed of the simulated sets")
     ap.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE",
                     help="deblend stage setting for the stage rows and the field run, e.g. flip_average=true")
     args = ap.parse_args(argv)
@@ -376,8 +382,12 @@ def main(argv=None):
     model = load_model(weights)
     overrides = dict(a.split("=", 1) for a in args.set)   # strings: the config coerces them
     task = DeblendTask({"device": "cpu", "weights": weights, **overrides})
-    sets = {"sim": lambda: sim_set(args.n), "sim-bd": lambda: sim_set(args.n, bulge_disk_fraction=1.0)}
-    if args.no_hst:
+    sets = {"sim": lambda: sim_set(args.n, args.seed, args.split),
+            "sim-bd": lambda: sim_set(args.n, args.seed, args.split, bulge_disk_fraction=1.0)}
+    if args.split == "val":
+        args.no_field = True
+        print(f"validation pairs (split 'val', seed {args.seed}): the hst set and the field run are skipped")
+    elif args.no_hst:
         print("hst set: skipped (--no-hst)")
     elif not SHARED.exists():
         print(f"hst set: skipped ({SHARED} not present: ../shared/data is only beside the project checkout)")
