@@ -310,15 +310,20 @@ class DeblendRecipe(Recipe):
 
     @staticmethod
     @torch.no_grad()
-    def sample_probs(model, x: torch.Tensor, n_samples: int = 8, seeds=None, batch: int = 32, flips: bool = False):
+    def sample_probs(model, x: torch.Tensor, n_samples: int = 8, seeds=None, batch: int = 32, flips: bool = False,
+                     companion_shift: float | None = None):
         """Sigmoid probabilities of network inputs ``x`` [n, 3, H, W] at the prior mean, and ``n_samples``
         draws from the prior (latent noise of stamp ``i`` from ``torch.Generator`` seeded with ``seeds[i]``,
         default ``i``: the same stamp gives the same draws whatever batch it is in). ``flips``: the
         probabilities are averaged over the 8 flips/rotations of each (square) stamp (8x the compute; the
-        draws stay those of the stamp as it is).
+        draws stay those of the stamp as it is). ``companion_shift`` (logits) is added to the companion
+        channels (1, 2, ...) of both (:meth:`shift_companions`); ``None``: the model card's
+        ``extra.companion_logit_shift`` (0 without one, e.g. during training).
 
         Returns numpy ``(prob float32 [n, k, H, W], samples float32 [s, n, k, H, W])``; a plain U-Net (no
         latent) or ``n_samples=0`` gives ``samples = prob[None]``."""
+        if companion_shift is None:
+            companion_shift = DeblendRecipe.card_companion_shift(model)
         seeds = np.arange(len(x)) if seeds is None else np.asarray(seeds)
         dev = next(model.parameters()).device
         probs, draws = [], []
@@ -340,14 +345,35 @@ class DeblendRecipe(Recipe):
                          for t in range(8)) / 8
             probs.append(pb.float().cpu().numpy())
             draws.append(sb.float().cpu().numpy())
-        return np.concatenate(probs), np.concatenate(draws, axis=1)
+        prob, samples = np.concatenate(probs), np.concatenate(draws, axis=1)
+        return (DeblendRecipe.shift_companions(prob, companion_shift),
+                DeblendRecipe.shift_companions(samples, companion_shift))
+
+    @staticmethod
+    def card_companion_shift(model) -> float:
+        """The companion logit shift in ``model``'s card (``extra.companion_logit_shift``), 0 without one."""
+        return float(((getattr(model, "card", None) or {}).get("extra") or {}).get("companion_logit_shift", 0.0))
+
+    @staticmethod
+    def shift_companions(prob: np.ndarray, shift: float) -> np.ndarray:
+        """``prob[..., k, H, W]`` with ``shift`` added to the logits of channels 1, 2, ... (the companions; the
+        central, channel 0, as it is). Trained per object with cross-entropy, the network is reluctant to give
+        a faint or close companion any pixel; a positive shift, fitted on validation pairs for the mean IoU,
+        moves the decision towards it (``bench_deblend.py --fit-shift``)."""
+        if not shift:
+            return prob
+        out = prob.copy()
+        p = np.clip(out[..., 1:, :, :].astype(np.float64), 1e-7, 1 - 1e-7)
+        out[..., 1:, :, :] = 1.0 / (1.0 + np.exp(-(np.log(p / (1 - p)) + shift)))
+        return out
 
     @classmethod
-    def predict(cls, model, x: torch.Tensor, n_samples: int = 8, seeds=None, batch: int = 32, flips: bool = False):
+    def predict(cls, model, x: torch.Tensor, n_samples: int = 8, seeds=None, batch: int = 32, flips: bool = False,
+                companion_shift: float | None = None):
         """Disjoint masks, probabilities (prior mean) and per-pixel uncertainty (:meth:`error_probability`
         over ``n_samples`` prior draws) of network inputs ``x`` [n, 3, H, W]. Returns numpy ``(masks bool
         [n, k, H, W], prob float32 [n, k, H, W], uncertainty float32 [n, H, W])``."""
-        prob, samples = cls.sample_probs(model, x, n_samples, seeds, batch, flips)
+        prob, samples = cls.sample_probs(model, x, n_samples, seeds, batch, flips, companion_shift)
         masks = cls.masks_from_probs(prob)
         return masks, prob, cls.error_probability(samples, masks)
 

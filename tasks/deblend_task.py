@@ -140,6 +140,11 @@ class DeblendConfig:
                                         "that the wings beyond the masks are shared by the templates.")
     flip_average: bool = field(False, "Average the probabilities over the 8 flips/rotations of each stamp "
                                       "(8x the compute).")
+    companion_shift: float | None = field(None, "Logit shift added to the companion channel of a pair's call "
+                                                "before masks, uncertainty and flux sharing (None: the model "
+                                                "card's extra.companion_logit_shift, fitted on validation pairs; "
+                                                "0: the network's raw probabilities). Blends of 3+ members, "
+                                                "read from each member's own (central) channel, are unaffected.")
     batch_size: int = field(32, "Stamps per forward call.")
     device: str = field("auto", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
 
@@ -168,6 +173,9 @@ class DeblendConfig:
         require(0 <= self.template_floor <= 1, w, "template_floor", self.template_floor, "must be in [0, 1].")
         require(0 <= self.flux_wings <= 32, w, "flux_wings", self.flux_wings, "must be in [0, 32] px.")
         require(self.batch_size >= 1, w, "batch_size", self.batch_size, "must be >= 1.")
+        require(self.companion_shift is None or (math.isfinite(self.companion_shift)
+                                                  and abs(self.companion_shift) <= 20), w, "companion_shift",
+                self.companion_shift, "use a number of logits in [-20, 20], or none for the model card's value.")
 
 
 # ------------------------------------------------------------------------------------------------ blends
@@ -354,6 +362,7 @@ class DeblendTask(ModelTask):
             self.requires = ("sep", "detect")
         self._sha = None
         self._calibration = None   # (raw, calibrated) lists from the card, or () without one
+        self._card_shift = 0.0
 
     def network_sha256(self) -> str | None:
         if self._sha is None:
@@ -365,9 +374,16 @@ class DeblendTask(ModelTask):
                                    f"channels (image, central and companion peaks) and 2 outputs, the card has "
                                    f"{cfg.get('in_channels')} -> {cfg.get('out_channels')}.")
             self._sha = card.get("weights", {}).get("sha256") or ""
-            cal = card.get("extra", {}).get("uncertainty_calibration")
+            extra = card.get("extra") or {}
+            cal = extra.get("uncertainty_calibration")
             self._calibration = (list(cal["raw"]), list(cal["calibrated"])) if cal else ()
+            self._card_shift = float(extra.get("companion_logit_shift", 0.0))
         return self._sha
+
+    def companion_shift(self) -> float:
+        """The companion logit shift in use: ``companion_shift`` if set, else the model card's (0 without)."""
+        self.network_sha256()
+        return self._card_shift if self.config.companion_shift is None else float(self.config.companion_shift)
 
     def calibrate(self, err: np.ndarray) -> np.ndarray:
         """The raw error probability mapped through the card's ``uncertainty_calibration`` (fitted on the
@@ -381,6 +397,8 @@ class DeblendTask(ModelTask):
     def fingerprint(self) -> dict:
         fp = super().fingerprint()
         fp["weights_sha256"] = self.network_sha256()
+        fp["companion_shift"] = self.companion_shift()        # the card's value changes results too
+        fp["uncertainty_calibration"] = self._calibration and [list(v) for v in self._calibration]
         return fp
 
     # ---- planning ----------------------------------------------------------------------------------
@@ -429,7 +447,8 @@ class DeblendTask(ModelTask):
         # seeds from the stamp centre in mosaic pixels: both tiles of a seam draw the same latents
         oy, ox = origin
         seeds = np.array([(c.cy + oy) * 1_000_003 + (c.cx + ox) for c in calls], np.int64) % (2 ** 62)
-        return DeblendRecipe.sample_probs(model, x, cfg.n_samples, seeds, cfg.batch_size, cfg.flip_average)
+        return DeblendRecipe.sample_probs(model, x, cfg.n_samples, seeds, cfg.batch_size, cfg.flip_average,
+                                          self.companion_shift())
 
     def run(self, tile: TileInput) -> TaskOutput:
         from deepmosaic.models.train import DeblendRecipe

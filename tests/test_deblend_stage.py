@@ -250,3 +250,36 @@ def test_detect_seeded_deblend_needs_the_detect_stage_first(tmp_path):
     with pytest.raises(ConfigError, match="needs detect"):
         run(str(image), str(tmp_path / "s.zarr"), stages="sep,deblend", tile=128, workers=0,
             set=["deblend.peaks=detect"])
+
+
+def test_companion_shift_moves_pixels_to_the_companion_only():
+    """The companion logit shift (the card's fitted value unless companion_shift is set) changes only the
+    companion channel; on a pair, a larger shift gives the fainter member more pixels and the brighter fewer."""
+    from deepmosaic.models.train import DeblendRecipe
+    prob = np.random.default_rng(0).uniform(0.01, 0.99, (3, 2, 2, 5, 5)).astype(np.float32)   # [s, n, k, H, W]
+    assert DeblendRecipe.shift_companions(prob, 0.0) is prob
+    up = DeblendRecipe.shift_companions(prob, 2.0)
+    assert np.array_equal(up[..., 0, :, :], prob[..., 0, :, :])
+    assert np.all(up[..., 1, :, :] > prob[..., 1, :, :])
+    np.testing.assert_allclose(DeblendRecipe.shift_companions(up, -2.0), prob, rtol=1e-4, atol=1e-6)
+
+    task = DeblendTask({"device": "cpu"})
+    task.network_sha256()
+    assert task.companion_shift() == task._card_shift
+    assert DeblendTask({"device": "cpu", "companion_shift": 1.5}).companion_shift() == 1.5
+    assert (DeblendTask({"companion_shift": 0}).fingerprint()
+            != DeblendTask({"companion_shift": 3}).fingerprint())
+    with pytest.raises(ConfigError, match="companion_shift"):
+        DeblendTask({"companion_shift": 50})
+
+    pair = TRIPLE[:2]
+    _, image = galaxies((128, 128), pair, seed=3)
+    npix = []
+    for shift in (0.0, 4.0, 8.0):
+        _, out = run_stages(image, companion_shift=shift, find_peaks=False)
+        seg = out.maps["segmentation"]
+        a, b = label_at(seg, pair[0][0], pair[0][1]), label_at(seg, pair[1][0], pair[1][1])
+        assert a > 0 and b > 0 and a != b
+        npix.append((int((seg == a).sum()), int((seg == b).sum())))
+    assert npix[0][1] <= npix[1][1] <= npix[2][1] and npix[0][1] < npix[2][1]
+    assert npix[0][0] >= npix[1][0] >= npix[2][0]
