@@ -2,7 +2,8 @@
 the uncertainty's reliability, and the stage's cost on a large field.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_deblend.py [--n 400] [--size 8192]
-        [--weights models/weights/deblend] [--no-field] [--no-hst] [--no-stage] [--flips] [--set PARAM=VALUE]
+        [--weights models/weights/deblend] [--no-field] [--no-hst] [--no-stage] [--detect-peaks] [--flips]
+        [--set PARAM=VALUE]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_deblend.py --split val --seed 78 --no-stage --weights W
     .venv/bin/python benchmarks/bench_deblend.py --calibrate    # fit the uncertainty calibration (val split)
 
@@ -16,11 +17,13 @@ Blend sets (built reproducibly; none of them is ever used in training):
   ``sim`` set, the same S/N, magnitude-difference and separation distributions); skipped with a reason when
   ``../shared`` is absent.
 
-Each 96 x 96 stamp is pasted into a 160 x 160 canvas of unit noise and three deblenders run on it:
+Each 96 x 96 stamp is pasted into a 160 x 160 canvas of unit noise and the deblenders run on it:
 
 * ``sep``: the ``sep`` stage (defaults), its segmentation;
 * ``stage``: ``sep`` then the ``deblend`` stage, exactly as in a run (the network is told sep's peaks; a
   pair that sep does not split is not deblended);
+* ``stage, detect peaks`` (``--detect-peaks``): the detect stage, then the deblend stage seeded by its
+  detections (``deblend.peaks=detect``);
 * ``network``: the network alone, told the true centres (as in validation).
 
 Truth: the 1-sigma "largest light wins" masks of the noise-free images. Objects are matched one-to-one by mask
@@ -116,16 +119,24 @@ def matched(truth: np.ndarray, pred: np.ndarray) -> dict:
     return {int(a): (int(b), float(c)) for a, b, c in zip(t, p, v)}
 
 
-def run_stamps(batch: dict, deblend_task) -> dict:
-    """sep and the stage on every stamp: per-galaxy IoU [n, 2] and measured flux [n, 2] (NaN unmatched)."""
+def run_stamps(batch: dict, deblend_task, detect_peaks: bool = False) -> dict:
+    """sep and the stage on every stamp: per-galaxy IoU [n, 2] and measured flux [n, 2] (NaN unmatched).
+    ``detect_peaks``: also the stage seeded by the detect stage's detections (``deblend.peaks=detect``, row
+    'stage, detect peaks'), run on the same canvas."""
+    from deepmosaic.pipeline.config import to_dict
     from deepmosaic.tasks.base import TileInput
-    from deepmosaic.tasks.deblend_task import FLAG_DEBLENDED
+    from deepmosaic.tasks.deblend_task import FLAG_DEBLENDED, DeblendTask
+    from deepmosaic.tasks.detect_task import DetectTask
     from deepmosaic.tasks.sep_task import SepTask
     sep_task = SepTask()
+    stages = {"sep": None, "stage": deblend_task}
+    if detect_peaks:
+        detect_task = DetectTask({"device": "cpu"})
+        stages["stage, detect peaks"] = DeblendTask({**to_dict(deblend_task.config), "peaks": "detect"})
     n = len(batch["image"])
-    res = {k: np.zeros((n, 2)) for k in ("sep_iou", "stage_iou")}
-    res.update({k: np.full((n, 2), np.nan) for k in ("sep_flux", "stage_flux")})
-    res["stage_deblended"] = np.zeros((n, 2), bool)
+    res = {f"{k}_iou": np.zeros((n, 2)) for k in stages}
+    res.update({f"{k}_flux": np.full((n, 2), np.nan) for k in stages})
+    res.update({f"{k}_deblended": np.zeros((n, 2), bool) for k in stages if k != "sep"})
     rng = np.random.default_rng(SEED)
     t_stage = 0.0
     for i in range(n):
@@ -133,16 +144,23 @@ def run_stamps(batch: dict, deblend_task) -> dict:
         ti = TileInput(image=img, background=np.zeros_like(img), rms=np.ones_like(img), global_rms=1.0,
                        mask=np.zeros(img.shape, bool), variance=None, origin=(0, 0),
                        core=(slice(0, CANVAS), slice(0, CANVAS)))
-        ti.upstream["sep"] = sep_out = sep_task.run(ti)
-        t0 = time.perf_counter()
-        out = deblend_task.run(ti)
-        t_stage += time.perf_counter() - t0
-        for name, o in (("sep", sep_out), ("stage", out)):
+        ti.upstream["sep"] = sep_task.run(ti)
+        outs = {"sep": ti.upstream["sep"]}
+        if detect_peaks:
+            ti.upstream["detect"] = detect_task.run(ti)
+        for name, task in stages.items():
+            if task is None:
+                continue
+            t0 = time.perf_counter()
+            outs[name] = task.run(ti)
+            if name == "stage":
+                t_stage += time.perf_counter() - t0
+        for name, o in outs.items():
             for lab, (p, v) in matched(truth, o.maps["segmentation"]).items():
                 res[f"{name}_iou"][i, lab - 1] = v
                 res[f"{name}_flux"][i, lab - 1] = o.catalog["flux"][p - 1]
-                if name == "stage":
-                    res["stage_deblended"][i, lab - 1] = bool(o.catalog["flags"][p - 1] & FLAG_DEBLENDED)
+                if name != "sep":
+                    res[f"{name}_deblended"][i, lab - 1] = bool(o.catalog["flags"][p - 1] & FLAG_DEBLENDED)
     res["stage_seconds"] = t_stage
     return res
 
@@ -192,8 +210,8 @@ def flux_residual(measured, true, keep) -> float:
 def iou_table(name: str, batch: dict, stamps: dict | None, nets: dict) -> list[dict]:
     sub = subset(batch)
     rows = []
-    cols = [("sep", stamps and stamps["sep_iou"]), ("stage", stamps and stamps["stage_iou"])] + \
-        [(who, net["iou"]) for who, net in nets.items()]
+    stage_rows = [k[:-4] for k in (stamps or {}) if k.endswith("_iou")]       # sep, stage[, stage, detect peaks]
+    cols = [(who, stamps[f"{who}_iou"]) for who in stage_rows] + [(who, net["iou"]) for who, net in nets.items()]
     # galaxies with an empty truth mask (a companion too faint for one pixel above 1 sigma) are not scored
     has = (batch["masks"] > 0.5).any(axis=(-2, -1))
     sub &= has[:, 1]
@@ -208,13 +226,14 @@ def iou_table(name: str, batch: dict, stamps: dict | None, nets: dict) -> list[d
             row["flux_med_abs_resid"] = flux_residual(net["flux"], batch["flux"], np.isfinite(net["flux"]))
             in_mask = (batch["isolated"] * (batch["masks"] > 0.5)).sum(axis=(-2, -1))
             row["flux_vs_in_mask"] = flux_residual(net["flux"], in_mask, np.isfinite(net["flux"]))
-        if stamps is not None and who in ("sep", "stage"):
+        if stamps is not None and who in stage_rows:
             f = stamps[f"{who}_flux"]
-            keep = stamps["stage_deblended"] if who == "stage" else np.isfinite(f)
+            deblended = stamps.get(f"{who}_deblended")
+            keep = np.isfinite(f) if deblended is None else deblended
             row["flux_med_abs_resid"] = flux_residual(f, batch["flux"], keep)
             in_mask = (batch["isolated"] * (batch["masks"] > 0.5)).sum(axis=(-2, -1))
             row["flux_vs_in_mask"] = flux_residual(f, in_mask, keep)
-            row["deblended_frac"] = float(stamps["stage_deblended"].all(axis=1).mean()) if who == "stage" else None
+            row["deblended_frac"] = None if deblended is None else float(deblended.all(axis=1).mean())
         rows.append(row)
     return rows
 
@@ -411,6 +430,8 @@ def main(argv=None):
                          "the card, stop")
     ap.add_argument("--flips", action="store_true", help="also the network with 8-flip averaging (8x slower)")
     ap.add_argument("--no-stage", action="store_true", help="network only (no sep / stage rows)")
+    ap.add_argument("--detect-peaks", action="store_true",
+                    help="also the stage seeded by the detect stage's detections (deblend.peaks=detect)")
     ap.add_argument("--split", default="test", choices=("test", "val"),
                     help="'val' scores the simulated sets on validation pairs (to choose between weights without "
                          "touching the test pairs; training validates on 'val' seed 0, so pick another seed); "
@@ -455,7 +476,7 @@ def main(argv=None):
         nets = {"network": run_network(batch, model, task)}
         if args.flips:
             nets["network, 8 flips"] = run_network(batch, model, task, flips=True)
-        stamps = None if args.no_stage else run_stamps(batch, task)
+        stamps = None if args.no_stage else run_stamps(batch, task, args.detect_peaks)
         rows += iou_table(name, batch, stamps, nets)
         rel[name] = reliability(nets["network"])
         if args.flips:
