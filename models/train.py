@@ -200,7 +200,8 @@ class DeblendRecipe(Recipe):
     Loss, per object so the small companion counts as much as the central: BCE + soft Dice of the logits at a
     posterior sample of the latent (Kohl et al. 2018) and, with equal weight, of the logits at the prior mean
     (the deterministic prediction the stage uses; it costs only the 1x1 ``fcomb`` convs), plus ``beta`` x KL.
-    Validation: mean IoU of the disjoint central and companion masks at the prior mean."""
+    Validation: mean IoU of the disjoint central and companion masks at the prior mean, over the galaxies
+    with a non-empty truth mask (as the benchmark scores them)."""
 
     arch = "prob_unet"
     data_kind = "blends"
@@ -382,10 +383,13 @@ class DeblendRecipe(Recipe):
         x, _ = self.inputs_targets(batch)
         pred, _, _ = self.predict(model, x, n_samples=0)
         truth = batch["masks"] > 0.5
-        central = metrics.stamp_iou(truth[:, 0], pred[:, 0])
-        companion = metrics.stamp_iou(truth[:, 1], pred[:, 1])
-        return {"central_iou": float(central.mean()), "companion_iou": float(companion.mean()),
-                "mean_iou": float((central.mean() + companion.mean()) / 2)}
+        # as the benchmark scores them: a galaxy with an empty truth mask does not count (an empty prediction
+        # there would score 1 and reward a network that gives faint companions nothing)
+        has = truth.reshape(truth.shape[0], truth.shape[1], -1).any(-1)
+        central = metrics.stamp_iou(truth[:, 0], pred[:, 0])[has[:, 0]]
+        companion = metrics.stamp_iou(truth[:, 1], pred[:, 1])[has[:, 1]]
+        c, k = (float(v.mean()) if len(v) else 0.0 for v in (central, companion))
+        return {"central_iou": c, "companion_iou": k, "mean_iou": (c + k) / 2}
 
 
 def _dihedral(x: torch.Tensor, t: int, inverse: bool = False) -> torch.Tensor:

@@ -283,3 +283,20 @@ def test_companion_shift_moves_pixels_to_the_companion_only():
         npix.append((int((seg == a).sum()), int((seg == b).sum())))
     assert npix[0][1] <= npix[1][1] <= npix[2][1] and npix[0][1] < npix[2][1]
     assert npix[0][0] >= npix[1][0] >= npix[2][0]
+
+
+def test_training_validation_skips_galaxies_with_an_empty_truth(monkeypatch):
+    """The recipe's validation scores galaxies as the benchmark does: a companion whose truth mask is empty does
+    not count, so predicting nothing for faint companions is not rewarded with IoU 1."""
+    from deepmosaic.models.train import DeblendRecipe
+    truth = np.zeros((2, 2, 8, 8), np.float32)
+    truth[:, 0, 2:6, 2:6] = 1                     # two centrals, 16 px each
+    truth[0, 1, 0:2, 0:2] = 1                     # one companion with a mask, one without
+    pred = truth > 0.5
+    pred[0, 1] = False                            # the network misses the real companion
+    monkeypatch.setattr(DeblendRecipe, "inputs_targets", lambda self, b: (None, None))
+    monkeypatch.setattr(DeblendRecipe, "predict", classmethod(lambda cls, m, x, n_samples=0: (pred, None, None)))
+    out = DeblendRecipe(None).evaluate(None, {"masks": truth})
+    assert out["central_iou"] == 1.0
+    assert out["companion_iou"] == 0.0            # not (0 + 1) / 2: the empty companion is not scored
+    assert out["mean_iou"] == 0.5
