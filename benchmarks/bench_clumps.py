@@ -53,6 +53,7 @@ def accuracy(a, tmp: str):
     store = os.path.join(tmp, "heldout.zarr")
     sets = [f"clumps.threshold={a.threshold}"] if a.threshold is not None else []
     sets += [f"clumps.weights={a.weights}"] if a.weights else []
+    sets += [f"clumps.{v}" for v in a.set]
     t0 = time.perf_counter()
     run(str(img), store, stages="sep,clumps,clumps_sep", tile=a.eval_tile, workers=0, overwrite=True, set=sets)
     print(f"pipeline (sep, clumps, clumps_sep; tile {a.eval_tile}, synchronous): {time.perf_counter() - t0:.0f} s")
@@ -170,7 +171,7 @@ def choose_threshold_mosaics(a):
     if a.seed in seeds:
         raise SystemExit(f"--val-mosaics {a.val_mosaics}: the held-out seed {a.seed} cannot be a validation mosaic")
     thresholds = [float(v) for v in a.thresholds.split(",")]
-    weights = [f"clumps.weights={a.weights}"] if a.weights else []
+    weights = ([f"clumps.weights={a.weights}"] if a.weights else []) + [f"clumps.{v}" for v in a.set]
     keys = ("n_true_snr10", "n_tp_snr10", "n_true_snr5_10", "n_tp_snr5_10", "n_fp", "n_pred", "n_tp")
     tot = {t: dict.fromkeys(keys, 0) for t in thresholds}
     with tempfile.TemporaryDirectory(prefix="bench_clumps_val_") as tmp:
@@ -186,7 +187,7 @@ def choose_threshold_mosaics(a):
                 for k in keys:
                     tot[t][k] += summary[k]
     print(f"threshold sweep on validation mosaics {seeds} ({a.eval_size}^2, {a.clumps:g} clumpy hosts/Mpix; "
-          f"weights {a.weights or 'shipped'}):")
+          f"weights {a.weights or 'shipped'}{''.join(', ' + v for v in a.set)}):")
     best = None
     for t in thresholds:
         c = tot[t]
@@ -233,6 +234,9 @@ def main():
     p.add_argument("--choose-threshold", action="store_true",
                    help="only sweep the threshold on the training recipe's validation canvases")
     p.add_argument("--weights", default=None, help="clumps weights (default: the shipped ones)")
+    p.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE",
+                   help="a clumps stage setting for the accuracy run or the --val-mosaics sweep, e.g. "
+                        "flip_average=true")
     p.add_argument("--val-size", type=int, default=192)
     p.add_argument("--val-seed", type=int, default=None,
                    help="seed of the validation canvases (default: the weights' training seed); give one seed "
