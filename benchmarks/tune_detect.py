@@ -55,6 +55,7 @@ SEP_EDGES = (0.0, 1.5, 2.5, 3.5)
 
 #: detect weights to evaluate (``--weights``); None: the shipped ones
 WEIGHTS = None
+FLIPS = False    # --flip-average: heads averaged over the 8 flips/rotations
 
 
 def field_inputs(seed: int, size: int, cache: Path):
@@ -78,8 +79,8 @@ def field_inputs(seed: int, size: int, cache: Path):
     tile = TileInput(image=sim.image.astype(np.float32), background=back, rms=rms, global_rms=bg.global_rms,
                      mask=sim.mask != 0, variance=None, origin=(0, 0),
                      core=(slice(0, size), slice(0, size)))
-    task = DetectTask({"weights": WEIGHTS} if WEIGHTS else None)
-    heads_file = folder / f"heads_{task.network_info()['sha256'][:12]}.npz"
+    task = DetectTask({**({"weights": WEIGHTS} if WEIGHTS else {}), "flip_average": FLIPS})
+    heads_file = folder / f"heads_{task.network_info()['sha256'][:12]}{'_flips' if FLIPS else ''}.npz"
     if heads_file.exists():
         with np.load(heads_file) as z:
             heads = {k: z[k] for k in z.files}
@@ -182,11 +183,13 @@ def main(argv=None) -> int:
     ap.add_argument("--saddles", default=",".join(map(str, SADDLES)))
     ap.add_argument("--wing-radii", default=",".join(map(str, WING_RADII)))
     ap.add_argument("--wing-nsigmas", default=",".join(map(str, WING_NSIGMAS)))
+    ap.add_argument("--flip-average", action="store_true",
+                    help="heads averaged over the 8 flips/rotations (detect.flip_average=true, 8x the network)")
     ap.add_argument("--weights", default=None, help="detect weights (default: the shipped ones); compare two "
                                                     "sets of weights at one operating point on the same fields")
     a = ap.parse_args(argv)
-    global WEIGHTS
-    WEIGHTS = a.weights
+    global WEIGHTS, FLIPS
+    WEIGHTS, FLIPS = a.weights, a.flip_average
     import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     import bench_detect
