@@ -171,14 +171,13 @@ def run_network(batch: dict, model, task, n_samples: int = 8, flips: bool = Fals
     import torch
 
     from deepmosaic.models.train import DeblendRecipe
-    from deepmosaic.pipeline.metrics import stamp_iou
     x = torch.from_numpy(DeblendRecipe.stamp_inputs(batch["image"], batch["peaks"]))
     t0 = time.perf_counter()
     masks, prob, unc = DeblendRecipe.predict(model, x, n_samples=n_samples, flips=flips)
     unc = task.calibrate(unc)          # as the stage does (identity without a calibration in the card)
     seconds = time.perf_counter() - t0
     truth = batch["masks"] > 0.5
-    iou = np.stack([stamp_iou(truth[:, k], masks[:, k]) for k in range(2)], axis=1)
+    iou, _ = DeblendRecipe.object_ious(truth, masks)
     lab_t = np.where(truth[:, 0], 1, np.where(truth[:, 1], 2, 0))
     lab_p = np.where(masks[:, 0], 1, np.where(masks[:, 1], 2, 0))
     flux = np.full((len(prob), 2), np.nan)
@@ -282,12 +281,10 @@ def calibrate(weights: str, n: int = 384, min_pixels: int = 50) -> dict:
     use the test split) and write it into the model card as ``extra.uncertainty_calibration``: per bin of the
     raw error probability, the mean raw value and the observed pixel error rate (bins of >= ``min_pixels``
     px, made non-decreasing), anchored at (0, 0) and (1, last); the stage interpolates linearly."""
-    import json
-
     import torch
 
     from deepmosaic.models.train import RECIPES, DeblendRecipe
-    from deepmosaic.models.weights_io import _base, _with, load_model
+    from deepmosaic.models.weights_io import load_model
     recipe = RECIPES["deblend"](None)
     model = load_model(weights)
     batch = recipe.batch("val", 0, n)
@@ -310,12 +307,22 @@ def calibrate(weights: str, n: int = 384, min_pixels: int = 50) -> dict:
            "fit": f"observed pixel error rate per bin of the raw error probability (8 prior draws) on {n} 'val' "
                   f"stamps (seed 0), bins with >= {min_pixels} px, made non-decreasing; applied by linear "
                   f"interpolation"}
-    path = _with(_base(weights), ".json")
-    card = json.loads(path.read_text())
-    card["extra"]["uncertainty_calibration"] = out
-    path.write_text(json.dumps(card, indent=2) + "\n")
+    path = write_card_extra(weights, uncertainty_calibration=out)
     print(f"calibration written into {path}: raw {out['raw']} -> {out['calibrated']}")
     return out
+
+
+def write_card_extra(weights: str, **items):
+    """Set ``items`` in the ``extra`` of the model card of ``weights`` (the weights file is not touched);
+    returns the card's path."""
+    import json
+
+    from deepmosaic.models.weights_io import _base, _with
+    path = _with(_base(weights), ".json")
+    card = json.loads(path.read_text())
+    card["extra"].update(items)
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return path
 
 
 SHIFT_GRID = tuple(range(0, 11))
@@ -326,13 +333,10 @@ def fit_shift(weights: str, seed: int, n: int) -> float:
     'val', ``seed``): the shift of ``SHIFT_GRID`` with the highest mean of the central and companion IoU (network
     told the true centres, scored as in the tables) on the ``sim`` set; the ``sim-bd`` set is printed beside it.
     Writes it into the model card as ``extra.companion_logit_shift``."""
-    import json
-
     import torch
 
     from deepmosaic.models.train import DeblendRecipe
-    from deepmosaic.models.weights_io import _base, _with, load_model
-    from deepmosaic.pipeline.metrics import stamp_iou
+    from deepmosaic.models.weights_io import load_model
     model = load_model(weights)
     table = {}
     for name, over in (("sim", {}), ("sim-bd", {"bulge_disk_fraction": 1.0})):
@@ -340,10 +344,9 @@ def fit_shift(weights: str, seed: int, n: int) -> float:
         x = torch.from_numpy(DeblendRecipe.stamp_inputs(batch["image"], batch["peaks"]))
         prob, _ = DeblendRecipe.sample_probs(model, x, 0, companion_shift=0.0)
         truth = batch["masks"] > 0.5
-        has = truth.any(axis=(-2, -1))
         for s in SHIFT_GRID:
             masks = DeblendRecipe.masks_from_probs(DeblendRecipe.shift_companions(prob, s))
-            iou = np.stack([stamp_iou(truth[:, k], masks[:, k]) for k in range(2)], axis=1)
+            iou, has = DeblendRecipe.object_ious(truth, masks)
             table[name, s] = (iou[has[:, 0], 0].mean(), iou[has[:, 1], 1].mean())
     print(f"companion logit shift on validation pairs (split 'val', seed {seed}, {n} per set; network told the "
           f"true centres): central / companion IoU")
@@ -351,14 +354,10 @@ def fit_shift(weights: str, seed: int, n: int) -> float:
         print(f"  {s:>3}: " + "   ".join(f"{name} {table[name, s][0]:.4f} / {table[name, s][1]:.4f}"
                                           for name in ("sim", "sim-bd")))
     best = max(SHIFT_GRID, key=lambda s: sum(table["sim", s]))
-    path = _with(_base(weights), ".json")
-    card = json.loads(path.read_text())
-    card["extra"]["companion_logit_shift"] = float(best)
-    card["extra"]["companion_logit_shift_fit"] = (
+    path = write_card_extra(weights, companion_logit_shift=float(best), companion_logit_shift_fit=(
         f"argmax over {list(SHIFT_GRID)} of the mean central + companion IoU on {n} 'val' pairs (seed {seed}): "
         f"central {table['sim', best][0]:.4f} / companion {table['sim', best][1]:.4f} against "
-        f"{table['sim', 0][0]:.4f} / {table['sim', 0][1]:.4f} unshifted")
-    path.write_text(json.dumps(card, indent=2) + "\n")
+        f"{table['sim', 0][0]:.4f} / {table['sim', 0][1]:.4f} unshifted"))
     print(f"shift {best} written into {path}")
     return float(best)
 

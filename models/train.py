@@ -324,7 +324,7 @@ class DeblendRecipe(Recipe):
         Returns numpy ``(prob float32 [n, k, H, W], samples float32 [s, n, k, H, W])``; a plain U-Net (no
         latent) or ``n_samples=0`` gives ``samples = prob[None]``."""
         if companion_shift is None:
-            companion_shift = DeblendRecipe.card_companion_shift(model)
+            companion_shift = DeblendRecipe.card_companion_shift(getattr(model, "card", None))
         seeds = np.arange(len(x)) if seeds is None else np.asarray(seeds)
         dev = next(model.parameters()).device
         probs, draws = [], []
@@ -351,9 +351,9 @@ class DeblendRecipe(Recipe):
                 DeblendRecipe.shift_companions(samples, companion_shift))
 
     @staticmethod
-    def card_companion_shift(model) -> float:
-        """The companion logit shift in ``model``'s card (``extra.companion_logit_shift``), 0 without one."""
-        return float(((getattr(model, "card", None) or {}).get("extra") or {}).get("companion_logit_shift", 0.0))
+    def card_companion_shift(card: dict | None) -> float:
+        """The companion logit shift of a model card (``extra.companion_logit_shift``), 0 without one."""
+        return float(((card or {}).get("extra") or {}).get("companion_logit_shift", 0.0))
 
     @staticmethod
     def shift_companions(prob: np.ndarray, shift: float) -> np.ndarray:
@@ -382,14 +382,17 @@ class DeblendRecipe(Recipe):
     def evaluate(self, model, batch):
         x, _ = self.inputs_targets(batch)
         pred, _, _ = self.predict(model, x, n_samples=0)
-        truth = batch["masks"] > 0.5
-        # as the benchmark scores them: a galaxy with an empty truth mask does not count (an empty prediction
-        # there would score 1 and reward a network that gives faint companions nothing)
-        has = truth.reshape(truth.shape[0], truth.shape[1], -1).any(-1)
-        central = metrics.stamp_iou(truth[:, 0], pred[:, 0])[has[:, 0]]
-        companion = metrics.stamp_iou(truth[:, 1], pred[:, 1])[has[:, 1]]
-        c, k = (float(v.mean()) if len(v) else 0.0 for v in (central, companion))
+        iou, scored = self.object_ious(batch["masks"] > 0.5, pred)
+        c, k = (float(iou[scored[:, j], j].mean()) if scored[:, j].any() else 0.0 for j in range(2))
         return {"central_iou": c, "companion_iou": k, "mean_iou": (c + k) / 2}
+
+    @staticmethod
+    def object_ious(truth: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-object stamp IoU [n, k] of truth and predicted masks (bool [n, k, H, W]), and which objects
+        are scored [n, k]: those with a non-empty truth mask, as the benchmark scores them (an empty
+        prediction of an empty truth would score 1 and reward a network that gives faint companions nothing)."""
+        iou = np.stack([metrics.stamp_iou(truth[:, k], masks[:, k]) for k in range(truth.shape[1])], axis=1)
+        return iou, truth.reshape(truth.shape[0], truth.shape[1], -1).any(-1)
 
 
 def _dihedral(x: torch.Tensor, t: int, inverse: bool = False) -> torch.Tensor:

@@ -374,10 +374,10 @@ class DeblendTask(ModelTask):
                                    f"channels (image, central and companion peaks) and 2 outputs, the card has "
                                    f"{cfg.get('in_channels')} -> {cfg.get('out_channels')}.")
             self._sha = card.get("weights", {}).get("sha256") or ""
-            extra = card.get("extra") or {}
-            cal = extra.get("uncertainty_calibration")
+            from deepmosaic.models.train import DeblendRecipe
+            cal = (card.get("extra") or {}).get("uncertainty_calibration")
             self._calibration = (list(cal["raw"]), list(cal["calibrated"])) if cal else ()
-            self._card_shift = float(extra.get("companion_logit_shift", 0.0))
+            self._card_shift = DeblendRecipe.card_companion_shift(card)
         return self._sha
 
     def companion_shift(self) -> float:
@@ -398,7 +398,7 @@ class DeblendTask(ModelTask):
         fp = super().fingerprint()
         fp["weights_sha256"] = self.network_sha256()
         fp["companion_shift"] = self.companion_shift()        # the card's value changes results too
-        fp["uncertainty_calibration"] = self._calibration and [list(v) for v in self._calibration]
+        fp["uncertainty_calibration"] = [list(v) for v in self._calibration]
         return fp
 
     # ---- planning ----------------------------------------------------------------------------------
