@@ -9,7 +9,9 @@
 Accuracy: ``deepmosaic simulate`` with ``--clumps`` (clumpy hosts on top of the usual random population) at
 a seed never used in training (the clump training set draws its scenes from its own SeedSequence streams;
 its 'mosaic' layout runs the mosaic simulator on small mosaics with seeds >= 2**24, never these small seeds), ``deepmosaic run --stages sep,clumps,clumps_sep``, ``deepmosaic evaluate`` (clump
-stages against the truth's CLUMPS table, one-to-one within 1.5 px), and a check of the issue's targets.
+stages against the truth's CLUMPS table, one-to-one within 1.5 px), a check of the issue's targets, and
+the S/N >= 10 completeness per bin of clump-to-host contrast. ``--density 0`` drops the ordinary galaxies
+and stars (the decoys) and keeps the same clumpy hosts and clumps: clumpy galaxies alone.
 
 Throughput: a ``--size`` x ``--size`` field (the held-out mosaic's pixels repeated) cut into ``--tile`` tiles
 with the stage's halo, as the runner does; the stage's ``run`` per tile (normalisation, patches with their
@@ -20,6 +22,7 @@ process, each the best of ``--repeats`` timings. Mpix/s counts core pixels for b
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import time
@@ -34,11 +37,18 @@ TARGETS = (("completeness_snr10", 0.97), ("purity_snr10", 0.97), ("completeness_
            ("purity", 0.97))
 
 
-def simulate(path: str, size: int, seed: int, clumps: float):
+#: ordinary (non-clumpy) objects per Mpix on the held-out and validation mosaics: the decoys
+DENSITY = 300.0
+#: bin edges of the clump-to-host contrast for the completeness table (clump flux over the host's smooth
+#: light in the PSF's effective area at the clump: 0.05 is a clump of 5 % of the light under it)
+CONTRAST_EDGES = (0.0, 0.05, 0.1, 0.3, 1.0, math.inf)
+
+
+def simulate(path: str, size: int, seed: int, clumps: float, density: float = DENSITY):
     from deepmosaic.pipeline.simulate import SimConfig, simulate_mosaic
     from deepmosaic.pipeline.truth import write_simulation
     t0 = time.perf_counter()
-    sim = simulate_mosaic(SimConfig(size=(size, size), seed=seed, density=300.0, clumpy_density=clumps))
+    sim = simulate_mosaic(SimConfig(size=(size, size), seed=seed, density=density, clumpy_density=clumps))
     img, truth = write_simulation(sim, path, overwrite=True)
     print(f"simulated {size}x{size} (seed {seed}): {len(sim.truth)} objects, {len(sim.clumps)} clumps in "
           f"{time.perf_counter() - t0:.0f} s")
@@ -49,7 +59,7 @@ def accuracy(a, tmp: str):
     from deepmosaic.pipeline.eval_clumps import SNR_BINS
     from deepmosaic.pipeline.evaluate import evaluate_store, format_summary
     from deepmosaic.workflows.api import run
-    sim, img, truth = simulate(os.path.join(tmp, "heldout.fits"), a.eval_size, a.seed, a.clumps)
+    sim, img, truth = simulate(os.path.join(tmp, "heldout.fits"), a.eval_size, a.seed, a.clumps, a.density)
     store = os.path.join(tmp, "heldout.zarr")
     sets = [f"clumps.threshold={a.threshold}"] if a.threshold is not None else []
     sets += [f"clumps.weights={a.weights}"] if a.weights else []
@@ -71,7 +81,27 @@ def accuracy(a, tmp: str):
     for name in SNR_BINS:
         d = s["clumps"]["versus"][name]
         print(f"  better than clumps_sep in {name:<8}: {d['better']}  (F1 {d['f1']} vs {d['baseline_f1']})")
+    contrast_table(sim, store)
     return sim
+
+
+def contrast_table(sim, store: str, snr_min: float = 10.0):
+    """Completeness of the S/N >= ``snr_min`` clumps per bin of clump-to-host contrast, per clump stage."""
+    from deepmosaic.pipeline.eval_clumps import score_clumps
+    from deepmosaic.pipeline.store import read_catalog
+    truth = {k: np.asarray(sim.clumps[k], float) for k in ("x", "y", "snr", "contrast")}
+    bright = truth["snr"] >= snr_min
+    bins = list(zip(CONTRAST_EDGES[:-1], CONTRAST_EDGES[1:]))
+    print(f"\ncompleteness of S/N >= {snr_min:g} clumps against clump-to-host contrast (clumps in the bin):")
+    print("  stage       " + "  ".join(f"{lo:g}-{hi:g}".rjust(10) for lo, hi in bins))
+    for stage in ("clumps", "clumps_sep"):
+        cat = read_catalog(store, stage)
+        _, match = score_clumps(truth, np.c_[np.asarray(cat["x"], float), np.asarray(cat["y"], float)])
+        cells = []
+        for lo, hi in bins:
+            sel = bright & (truth["contrast"] >= lo) & (truth["contrast"] < hi)
+            cells.append(f"{match['found'][sel].mean():.3f} ({sel.sum()})" if sel.any() else "-")
+        print(f"  {stage:<11} " + "  ".join(c.rjust(10) for c in cells))
 
 
 def throughput(a, sim):
@@ -80,7 +110,7 @@ def throughput(a, sim):
     from deepmosaic.tasks.base import TileInput
     from deepmosaic.tasks.clumps_task import ClumpsTask, _get_model, resolve_device
     if sim is None:
-        sim = simulate_mosaic(SimConfig(size=(1024, 1024), seed=a.seed, density=300.0, clumpy_density=a.clumps))
+        sim = simulate_mosaic(SimConfig(size=(1024, 1024), seed=a.seed, density=a.density, clumpy_density=a.clumps))
     n, T = a.size, a.tile
     reps = -(-n // sim.image.shape[0])
     sky = float(np.median(sim.sky))
@@ -176,7 +206,7 @@ def choose_threshold_mosaics(a):
     tot = {t: dict.fromkeys(keys, 0) for t in thresholds}
     with tempfile.TemporaryDirectory(prefix="bench_clumps_val_") as tmp:
         for seed in seeds:
-            sim, img, _ = simulate(os.path.join(tmp, f"val{seed}.fits"), a.eval_size, seed, a.clumps)
+            sim, img, _ = simulate(os.path.join(tmp, f"val{seed}.fits"), a.eval_size, seed, a.clumps, a.density)
             truth = {k: np.asarray(sim.clumps[k]) for k in ("x", "y", "snr")}
             for t in thresholds:
                 store = os.path.join(tmp, f"val{seed}.zarr")
@@ -221,6 +251,8 @@ def main():
     p.add_argument("--eval-size", type=int, default=2048, help="held-out mosaic side (px)")
     p.add_argument("--seed", type=int, default=9001, help="held-out simulation seed")
     p.add_argument("--clumps", type=float, default=60.0, help="clumpy hosts per Mpix")
+    p.add_argument("--density", type=float, default=DENSITY,
+                   help="ordinary objects per Mpix beside the clumpy hosts (0: clumpy galaxies alone, no decoys)")
     p.add_argument("--eval-tile", type=int, default=1024)
     p.add_argument("--threshold", type=float, default=None, help="clumps.threshold (default: the stage's)")
     p.add_argument("--size", type=int, default=8192, help="throughput field side (px)")
