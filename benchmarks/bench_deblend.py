@@ -68,7 +68,8 @@ def hst_set(n: int) -> dict:
     cat = galsim.RealGalaxyCatalog("real_galaxy_catalog_26_extension_example.fits", dir=str(SHARED))
     rng = np.random.default_rng(np.random.SeedSequence(SEED, spawn_key=(7,)))
     s, c = cfg.size, (cfg.size - 1) / 2.0
-    out = {k: [] for k in ("image", "masks", "isolated", "peaks", "flux", "snr", "separation_fwhm")}
+    out = {k: [] for k in ("image", "masks", "isolated", "peaks", "flux", "snr", "separation_fwhm", "psf_fwhm",
+                           "psf_beta")}
     for _ in range(n):
         fwhm, beta = _draw_psf(rng, cfg)
         j = rng.choice(cat.nobjects, 2, replace=False)
@@ -95,6 +96,8 @@ def hst_set(n: int) -> dict:
         out["flux"].append(flux)
         out["snr"].append(np.sqrt(np.sum(iso.astype(np.float64) ** 2, axis=(1, 2))))
         out["separation_fwhm"].append(sep_fwhm)
+        out["psf_fwhm"].append(fwhm)
+        out["psf_beta"].append(beta)
     return {k: np.stack(v) for k, v in out.items()}
 
 
@@ -151,6 +154,9 @@ def run_stamps(batch: dict, deblend_task, detect_peaks: bool = False) -> dict:
         for name, task in stages.items():
             if task is None:
                 continue
+            if task.config.refine != "none":   # the fit is told the pair's PSF (a survey knows its PSF)
+                task = DeblendTask({**to_dict(task.config), "psf_fwhm": float(batch["psf_fwhm"][i]),
+                                    "psf_beta": float(batch["psf_beta"][i])})
             t0 = time.perf_counter()
             outs[name] = task.run(ti)
             if name == "stage":
@@ -165,16 +171,44 @@ def run_stamps(batch: dict, deblend_task, detect_peaks: bool = False) -> dict:
     return res
 
 
-def run_network(batch: dict, model, task, n_samples: int = 8, flips: bool = False) -> dict:
-    """The network alone, told the true centres: IoU [n, 2], labels, uncertainty and the stage's shared
-    fluxes (with wings) per stamp."""
+def refine_batch(batch: dict, masks: np.ndarray, prob: np.ndarray, task) -> tuple[np.ndarray, np.ndarray]:
+    """Every stamp's masks refined as the stage's ``refine='sersic'`` does (its settings), each with its own
+    PSF (the network is told the true centres; the fit is told the true PSF), and the flux-sharing weights
+    (the fitted models' shares where a fit is kept, else the network's probabilities)."""
+    from deepmosaic.models.blend_fit import model_shares, refine_masks
+    cfg = task.config
+    out, shares = np.empty_like(masks), prob.copy()
+    for i in range(len(masks)):
+        out[i], fit = refine_masks(batch["image"][i, 0], masks[i], batch["peaks"][i], float(batch["psf_fwhm"][i]),
+                                   float(batch["psf_beta"][i]), chi2_sigma=cfg.refine_chi2_sigma,
+                                   max_nfev=cfg.refine_max_nfev, oversample=cfg.refine_oversample)
+        if fit.accepted:
+            shares[i] = model_shares(fit.models)
+    return out, shares
+
+
+def network_masks(batch: dict, model, n_samples: int = 8, flips: bool = False, refine_task=None):
+    """``(masks, prob, raw uncertainty)`` of the network told the true centres; with ``refine_task`` the masks
+    refined by its Sersic fit and ``prob`` the flux-sharing weights (:func:`refine_batch`), the uncertainty
+    measured against the refined masks."""
     import torch
 
     from deepmosaic.models.train import DeblendRecipe
     x = torch.from_numpy(DeblendRecipe.stamp_inputs(batch["image"], batch["peaks"]))
+    prob, samples = DeblendRecipe.sample_probs(model, x, n_samples, flips=flips)
+    masks = DeblendRecipe.masks_from_probs(prob)
+    if refine_task is not None:
+        masks, prob = refine_batch(batch, masks, prob, refine_task)
+    return masks, prob, DeblendRecipe.error_probability(samples, masks)
+
+
+def run_network(batch: dict, model, task, n_samples: int = 8, flips: bool = False, refine: bool = False) -> dict:
+    """The network alone, told the true centres (``refine``: its masks refined by the Sersic fit): IoU [n, 2],
+    labels, uncertainty and the stage's shared fluxes (with wings) per stamp."""
+    from deepmosaic.models.train import DeblendRecipe
     t0 = time.perf_counter()
-    masks, prob, unc = DeblendRecipe.predict(model, x, n_samples=n_samples, flips=flips)
-    unc = task.calibrate(unc)          # as the stage does (identity without a calibration in the card)
+    masks, prob, unc = network_masks(batch, model, n_samples, flips, task if refine else None)
+    unc = task.calibrate(unc, refined=refine)   # as the stage does (identity without a calibration in the card)
     seconds = time.perf_counter() - t0
     truth = batch["masks"] > 0.5
     iou, _ = DeblendRecipe.object_ious(truth, masks)
@@ -273,23 +307,23 @@ def print_tables(rows, rel):
 
 # ------------------------------------------------------------------------------------------------ calibration
 
-CAL_EDGES = (0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
+#: bins of the raw error probability; the last one holds the pixels where every draw disagrees with the mask
+#: (raw = 1): rare for the network's own masks, common for refined ones, whose error rate there is far below 1
+CAL_EDGES = (0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.999, 1.0)
 
 
-def calibrate(weights: str, n: int = 384, min_pixels: int = 50) -> dict:
+def calibrate(weights: str, n: int = 384, min_pixels: int = 50, refine_task=None) -> dict:
     """Fit the uncertainty calibration on the *validation* split (seed 0, as in training; the benchmark sets
     use the test split) and write it into the model card as ``extra.uncertainty_calibration``: per bin of the
     raw error probability, the mean raw value and the observed pixel error rate (bins of >= ``min_pixels``
-    px, made non-decreasing), anchored at (0, 0) and (1, last); the stage interpolates linearly."""
-    import torch
-
-    from deepmosaic.models.train import RECIPES, DeblendRecipe
+    px, made non-decreasing), anchored at (0, 0) and (1, the last bin's rate); the stage interpolates linearly. With
+    ``refine_task``: for the masks refined by its Sersic fit, as ``extra.uncertainty_calibration_sersic``."""
+    from deepmosaic.models.train import RECIPES
     from deepmosaic.models.weights_io import load_model
     recipe = RECIPES["deblend"](None)
     model = load_model(weights)
     batch = recipe.batch("val", 0, n)
-    x, _ = recipe.inputs_targets(batch)
-    masks, _, unc = DeblendRecipe.predict(model, torch.as_tensor(x), n_samples=8)
+    masks, _, unc = network_masks(batch, model, 8, refine_task=refine_task)
     truth = batch["masks"] > 0.5
     lab_t = np.where(truth[:, 0], 1, np.where(truth[:, 1], 2, 0))
     lab_p = np.where(masks[:, 0], 1, np.where(masks[:, 1], 2, 0))
@@ -302,12 +336,14 @@ def calibrate(weights: str, n: int = 384, min_pixels: int = 50) -> dict:
     ok = cnt >= min_pixels
     raw = np.concatenate([[0.0], mean_u[ok], [1.0]])
     cal = np.maximum.accumulate(rate[ok])
-    cal = np.concatenate([[0.0], cal, [max(cal[-1], raw[-2])]])
+    cal = np.concatenate([[0.0], cal, [cal[-1]]])
+    against = "the Sersic-refined masks" if refine_task is not None else "the network's masks"
     out = {"raw": [round(float(a), 6) for a in raw], "calibrated": [round(float(b), 6) for b in cal],
-           "fit": f"observed pixel error rate per bin of the raw error probability (8 prior draws) on {n} 'val' "
-                  f"stamps (seed 0), bins with >= {min_pixels} px, made non-decreasing; applied by linear "
-                  f"interpolation"}
-    path = write_card_extra(weights, uncertainty_calibration=out)
+           "fit": f"observed pixel error rate of {against} per bin of the raw error probability (8 prior draws) "
+                  f"on {n} 'val' stamps (seed 0), bins with >= {min_pixels} px, made non-decreasing; applied by "
+                  f"linear interpolation"}
+    key = "uncertainty_calibration_sersic" if refine_task is not None else "uncertainty_calibration"
+    path = write_card_extra(weights, **{key: out})
     print(f"calibration written into {path}: raw {out['raw']} -> {out['calibrated']}")
     return out
 
@@ -428,6 +464,9 @@ def main(argv=None):
                     help="fit the companion logit shift on validation pairs (--seed, split 'val'), write it into "
                          "the card, stop")
     ap.add_argument("--flips", action="store_true", help="also the network with 8-flip averaging (8x slower)")
+    ap.add_argument("--refine", action="store_true",
+                    help="also the network's masks refined by the Sersic fit (deblend.refine=sersic; the fit told "
+                         "each pair's PSF); with --calibrate: fit the refined masks' calibration")
     ap.add_argument("--no-stage", action="store_true", help="network only (no sep / stage rows)")
     ap.add_argument("--detect-peaks", action="store_true",
                     help="also the stage seeded by the detect stage's detections (deblend.peaks=detect)")
@@ -445,7 +484,8 @@ def main(argv=None):
     from deepmosaic.tasks.deblend_task import DeblendTask
     weights = args.weights or str(shipped("deblend"))
     if args.calibrate:
-        calibrate(weights)
+        calibrate(weights, refine_task=DeblendTask({"device": "cpu", "weights": weights, "refine": "sersic"})
+                  if args.refine else None)
         return
     if args.fit_shift:
         if args.seed in (0, SEED):
@@ -475,11 +515,15 @@ def main(argv=None):
         nets = {"network": run_network(batch, model, task)}
         if args.flips:
             nets["network, 8 flips"] = run_network(batch, model, task, flips=True)
+        if args.refine:
+            nets["network, refined"] = run_network(batch, model, task, refine=True)
         stamps = None if args.no_stage else run_stamps(batch, task, args.detect_peaks)
         rows += iou_table(name, batch, stamps, nets)
         rel[name] = reliability(nets["network"])
         if args.flips:
             rel[name + ", 8 flips"] = reliability(nets["network, 8 flips"])
+        if args.refine:
+            rel[name + ", refined"] = reliability(nets["network, refined"])
         extra = "" if stamps is None else (f"; stage {len(batch['image']) / stamps['stage_seconds']:.1f} stamps/s "
                                            f"(the network runs only where sep split the pair)")
         speed = ", ".join(f"{who} {len(batch['image']) / net['seconds']:.1f}" for who, net in nets.items())

@@ -20,10 +20,19 @@ What it does on one tile window
    empty keeps its sep footprint (flag ``empty_mask``). Blends with more than ``max_members`` members or a
    footprint that does not fit in a stamp are skipped: their members keep their sep footprints (flag
    ``skipped``).
+   **Refinement** (``refine='sersic'``, blends of at most ``refine_max_members`` members, pairs by default):
+   the blend's masks are then re-drawn from a joint PSF-convolved
+   Sersic fit of its members (:mod:`deepmosaic.models.blend_fit`: one profile per member, started from the
+   network's masks at the peaks, PSF ``psf_fwhm`` / ``psf_beta``): a pixel goes to the member whose fitted
+   light is largest there, where it exceeds 1 sigma, the truth convention applied to the models. A fit is
+   kept only if its residuals pass a chi-square test over the members' pixels (``refine_chi2_sigma``);
+   otherwise (a galaxy a Sersic profile does not describe) the network's masks stay. The fit sees the same
+   pixels in every window that holds the whole blend, so both sides of a seam get the same masks.
 5. **Uncertainty**: per pixel, the probability that the pixel's label (sky, or which member) is wrong,
    averaged over ``n_samples`` latent draws of the probabilistic U-Net's prior
-   (:meth:`~deepmosaic.models.train.DeblendRecipe.error_probability`), mapped through the calibration stored
-   in the model card when it has one (:meth:`DeblendTask.calibrate`); 0 outside deblended stamps. The draws
+   (:meth:`~deepmosaic.models.train.DeblendRecipe.error_probability`; against the refined masks when they
+   are refined), mapped through the calibration stored in the model card for those masks when it has one
+   (:meth:`DeblendTask.calibrate`); 0 outside deblended stamps. The draws
    of a stamp are seeded by its centre in mosaic pixels, so the two tiles that see a blend straddling a seam
    compute the same values.
 6. **Fluxes** of members: the background-subtracted image over the pixels where ``sum_j p_j > share_floor``
@@ -31,7 +40,8 @@ What it does on one tile window
    between the members (``flux_sharing='symmetric'``, the default) in proportion to ``T_k * (p_k +
    template_floor)``: ``T_k`` the member's symmetric template (the lesser of a pixel and its mirror about the
    member's peak, on the ``template_smooth``-px smoothed image; SDSS's deblender's templates), ``p_k`` its
-   probability. The probabilities say which galaxy owns a pixel, not how its light divides: shared by them
+   probability (for a refined blend, the fitted models' shares ``M_k / max(sum_j M_j, 1)`` instead). The
+   probabilities say which galaxy owns a pixel, not how its light divides: shared by them
    alone (``'probability'``), a companion loses the light it has under the central's mask (-31 % median on
    validation pairs). With its background error. Isolated objects keep sep's AUTO flux.
 
@@ -59,9 +69,10 @@ FLAG_SKIPPED = 2        #: blend too large / too many members: skipped, sep foot
 FLAG_EMPTY_MASK = 4     #: the network gave this member no pixel: sep footprint kept
 FLAG_NEIGHBOUR = 8      #: grouped with a neighbour by distance only (footprints do not touch)
 FLAG_NEW_PEAK = 16      #: a peak the stage found inside a sep footprint (not an object of sep's catalog)
+FLAG_REFINED = 32       #: refine='sersic': the blend's masks come from its accepted Sersic fit
 
 STAGE_FLAGS = {"deblended": FLAG_DEBLENDED, "skipped": FLAG_SKIPPED, "empty_mask": FLAG_EMPTY_MASK,
-               "neighbour": FLAG_NEIGHBOUR, "new_peak": FLAG_NEW_PEAK}
+               "neighbour": FLAG_NEIGHBOUR, "new_peak": FLAG_NEW_PEAK, "refined": FLAG_REFINED}
 
 DEBLEND_COLUMNS = {
     "x": Column("f8", "pix", "x, 0-based mosaic pixels: intensity-weighted centroid of the mask (members); "
@@ -78,7 +89,8 @@ DEBLEND_COLUMNS = {
     "sep_flux": Column("f8", "", "sep's AUTO flux of the same detection (before deblending); NaN for a new peak"),
     "flags": Column("i8", "", "bit 0 deblended, 1 skipped (blend too large / too many members: footprint kept), "
                               "2 empty network mask (footprint kept), 3 grouped by distance, 4 new peak found "
-                              "inside a sep footprint; pipeline bits 8+"),
+                              "inside a sep footprint, 5 masks from the blend's Sersic fit (refine); pipeline "
+                              "bits 8+"),
 }
 
 DEBLEND_MAPS = {
@@ -145,6 +157,21 @@ class DeblendConfig:
                                                 "card's extra.companion_logit_shift, fitted on validation pairs; "
                                                 "0: the network's raw probabilities). Blends of 3+ members, "
                                                 "read from each member's own (central) channel, are unaffected.")
+    refine: str = field("sersic", "'sersic': refine each blend's masks with a joint PSF-convolved Sersic fit of its "
+                                "members started from the network's masks (models/blend_fit.py; kept where the "
+                                "fit passes a chi-square test, else the network's masks); 'none': the network's "
+                                "masks.")
+    psf_fwhm: float = field(3.5, "With refine='sersic': the Moffat PSF's FWHM in px (the simulator's 0.7\" at "
+                                 "0.2\"/px); set it to the survey's.")
+    psf_beta: float = field(3.0, "With refine='sersic': the Moffat PSF's beta.")
+    refine_chi2_sigma: float = field(3.0, "With refine='sersic': a fit is kept when its reduced chi-square over the "
+                                          "members' pixels is <= 1 + this x sqrt(2 / pixels).")
+    refine_max_nfev: int = field(200, "With refine='sersic': the fit's budget of model evaluations.")
+    refine_max_members: int = field(2, "With refine='sersic': blends of more members keep the network's masks (the "
+                                       "refinement was validated on pairs; its cost grows with the square of the "
+                                       "members).")
+    refine_oversample: int = field(3, "With refine='sersic': sub-pixels per pixel (per axis) of the fit's "
+                                      "renderer.")
     batch_size: int = field(32, "Stamps per forward call.")
     device: str = field("auto", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
 
@@ -173,6 +200,19 @@ class DeblendConfig:
         require(0 <= self.template_floor <= 1, w, "template_floor", self.template_floor, "must be in [0, 1].")
         require(0 <= self.flux_wings <= 32, w, "flux_wings", self.flux_wings, "must be in [0, 32] px.")
         require(self.batch_size >= 1, w, "batch_size", self.batch_size, "must be >= 1.")
+        require(self.refine in ("none", "sersic"), w, "refine", self.refine, "use 'none' or 'sersic'.")
+        require(math.isfinite(self.psf_fwhm) and 1.0 <= self.psf_fwhm <= 30.0, w, "psf_fwhm", self.psf_fwhm,
+                "the PSF FWHM in px, in [1, 30], e.g. 3.5.")
+        require(math.isfinite(self.psf_beta) and 1.5 <= self.psf_beta <= 20.0, w, "psf_beta", self.psf_beta,
+                "the Moffat beta, in [1.5, 20], e.g. 3.")
+        require(math.isfinite(self.refine_chi2_sigma) and self.refine_chi2_sigma > 0, w, "refine_chi2_sigma",
+                self.refine_chi2_sigma, "must be > 0, e.g. 3.")
+        require(isinstance(self.refine_max_nfev, int) and 20 <= self.refine_max_nfev <= 5000, w, "refine_max_nfev",
+                self.refine_max_nfev, "an integer in [20, 5000], e.g. 200.")
+        require(isinstance(self.refine_max_members, int) and self.refine_max_members >= 2, w, "refine_max_members",
+                self.refine_max_members, "an integer >= 2, e.g. 2 (pairs only).")
+        require(isinstance(self.refine_oversample, int) and 1 <= self.refine_oversample <= 5, w, "refine_oversample",
+                self.refine_oversample, "an integer in [1, 5], e.g. 3.")
         require(self.companion_shift is None or (math.isfinite(self.companion_shift)
                                                   and abs(self.companion_shift) <= 20), w, "companion_shift",
                 self.companion_shift, "use a number of logits in [-20, 20], or none for the model card's value.")
@@ -320,10 +360,14 @@ def detection_peaks(catalog: dict, seg: np.ndarray, own: np.ndarray, min_separat
 
 def cut(img: np.ndarray, cy: int, cx: int, size: int) -> np.ndarray:
     """``size`` x ``size`` stamp of ``img`` whose pixel ``size // 2`` is ``(cy, cx)``, zeros outside."""
-    out = np.zeros((size, size), img.dtype)
-    y0, x0 = cy - size // 2, cx - size // 2
+    return cut_frame(img, cy - size // 2, cx - size // 2, size, size)
+
+
+def cut_frame(img: np.ndarray, y0: int, x0: int, height: int, width: int) -> np.ndarray:
+    """``img[y0:y0 + height, x0:x0 + width]``, zeros (False) where that frame leaves ``img``."""
+    out = np.zeros((height, width), img.dtype)
     sy0, sx0 = max(y0, 0), max(x0, 0)
-    sy1, sx1 = min(y0 + size, img.shape[0]), min(x0 + size, img.shape[1])
+    sy1, sx1 = min(y0 + height, img.shape[0]), min(x0 + width, img.shape[1])
     if sy1 > sy0 and sx1 > sx0:
         out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = img[sy0:sy1, sx0:sx1]
     return out
@@ -361,7 +405,7 @@ class DeblendTask(ModelTask):
         if self.config.peaks == "detect":
             self.requires = ("sep", "detect")
         self._sha = None
-        self._calibration = None   # (raw, calibrated) lists from the card, or () without one
+        self._calibrations = {}    # refine mode -> (raw, calibrated) lists from the card, or () without one
         self._card_shift = 0.0
 
     def network_sha256(self) -> str | None:
@@ -375,8 +419,11 @@ class DeblendTask(ModelTask):
                                    f"{cfg.get('in_channels')} -> {cfg.get('out_channels')}.")
             self._sha = card.get("weights", {}).get("sha256") or ""
             from deepmosaic.models.train import DeblendRecipe
-            cal = (card.get("extra") or {}).get("uncertainty_calibration")
-            self._calibration = (list(cal["raw"]), list(cal["calibrated"])) if cal else ()
+            extra = card.get("extra") or {}
+            self._calibrations = {}
+            for mode, key in (("none", "uncertainty_calibration"), ("sersic", "uncertainty_calibration_sersic")):
+                cal = extra.get(key)
+                self._calibrations[mode] = (list(cal["raw"]), list(cal["calibrated"])) if cal else ()
             self._card_shift = DeblendRecipe.card_companion_shift(card)
         return self._sha
 
@@ -385,20 +432,27 @@ class DeblendTask(ModelTask):
         self.network_sha256()
         return self._card_shift if self.config.companion_shift is None else float(self.config.companion_shift)
 
-    def calibrate(self, err: np.ndarray) -> np.ndarray:
-        """The raw error probability mapped through the card's ``uncertainty_calibration`` (fitted on the
-        validation split: observed error rate per bin of raw value, non-decreasing), unchanged without one."""
+    def calibration(self, refined: bool | None = None) -> tuple:
+        """``(raw, calibrated)`` of the card for the network's masks (``uncertainty_calibration``) or, with
+        ``refined`` (default: ``refine='sersic'``), for the Sersic-refined masks
+        (``uncertainty_calibration_sersic``, the network's when the card has none); ``()`` without one."""
         self.network_sha256()
-        if not self._calibration:
+        refined = self.config.refine == "sersic" if refined is None else refined
+        return (refined and self._calibrations["sersic"]) or self._calibrations["none"]
+
+    def calibrate(self, err: np.ndarray, refined: bool | None = None) -> np.ndarray:
+        """The raw error probability mapped through the card's calibration (:meth:`calibration`: fitted on the
+        validation split, observed error rate per bin of raw value, non-decreasing), unchanged without one."""
+        cal = self.calibration(refined)
+        if not cal:
             return err
-        raw, cal = self._calibration
-        return np.interp(err, raw, cal).astype(np.float32)
+        return np.interp(err, cal[0], cal[1]).astype(np.float32)
 
     def fingerprint(self) -> dict:
         fp = super().fingerprint()
         fp["weights_sha256"] = self.network_sha256()
         fp["companion_shift"] = self.companion_shift()        # the card's value changes results too
-        fp["uncertainty_calibration"] = [list(v) for v in self._calibration]
+        fp["uncertainty_calibration"] = [list(v) for v in self.calibration()]
         return fp
 
     # ---- planning ----------------------------------------------------------------------------------
@@ -534,6 +588,11 @@ class DeblendTask(ModelTask):
                         p[k, oy_:oy_ + s, ox_:ox_ + s] = prob[i, 0]
                         sp[:, k, oy_:oy_ + s, ox_:ox_ + s] = samples[:, i, 0]
                 masks = DeblendRecipe.masks_from_probs(p)
+                if cfg.refine == "sersic" and len(rows) <= cfg.refine_max_members:
+                    masks, shares = self._refine(norm, tile.mask, masks, (fy0, fx0), peaks[rows])
+                    if shares is not None:                   # the fit was kept: its models share the light
+                        p = shares
+                        flags[rows] |= FLAG_REFINED
                 err = self.calibrate(DeblendRecipe.error_probability(sp[:, None], masks[None])[0])
                 self._paste(rows, masks, p, err, (fy0, fx0), seg, data, rms2, new_seg, parent, unc,
                             x, y, flux, flux_err, npix, flags, peaks)
@@ -554,6 +613,23 @@ class DeblendTask(ModelTask):
                 "n_children": n_children, "npix": npix, "sep_flux": sep_flux, "flags": flags}
         out.catalog = {k: v[keep] for k, v in cols.items()}
         return out
+
+    def _refine(self, norm, mask, masks, frame0, peaks):
+        """``refine='sersic'``: the blend's masks from a joint Sersic fit of its members
+        (:func:`deepmosaic.models.blend_fit.refine_masks`) on the frame's normalised pixels (masked pixels and
+        pixels outside the window are not fitted); the network's ``masks`` where the fit is not kept. Returns
+        ``(masks, shares)``: ``shares`` the fitted models' light-sharing weights
+        (:func:`~deepmosaic.models.blend_fit.model_shares`), None when the fit is not kept."""
+        from deepmosaic.models.blend_fit import model_shares, refine_masks
+        cfg = self.config
+        H, W = masks.shape[-2:]
+        fy0, fx0 = frame0
+        d = cut_frame(norm, fy0, fx0, H, W)
+        good = cut_frame(~np.asarray(mask, bool), fy0, fx0, H, W)
+        refined, fit = refine_masks(d, masks, np.asarray(peaks, float) - np.array([fy0, fx0], float), cfg.psf_fwhm,
+                                    cfg.psf_beta, weight=good, chi2_sigma=cfg.refine_chi2_sigma,
+                                    max_nfev=cfg.refine_max_nfev, oversample=cfg.refine_oversample)
+        return refined, (model_shares(fit.models) if fit.accepted else None)
 
     def _share_flux(self, probs, allowed, d, rms2, flux, flux_err, centres, report=None):
         """Member fluxes from the members' probability maps ``probs`` (member row -> map on the pixels ``d``),

@@ -202,15 +202,25 @@ def test_secondary_peak_inside_one_sep_footprint_becomes_a_member():
 
 
 def test_uncertainty_goes_through_the_cards_calibration():
-    task = DeblendTask({"device": "cpu"})
+    task = DeblendTask({"device": "cpu", "refine": "none"})
     task.network_sha256()
     raw = np.array([0.0, 0.01, 0.3, 1.0], np.float32)
-    if task._calibration:   # the shipped card carries one: a non-decreasing map of [0, 1] into [0, 1]
+    if task.calibration():   # the shipped card carries one: a non-decreasing map of [0, 1] into [0, 1]
         cal = task.calibrate(raw)
         assert np.all(np.diff(cal) >= 0) and cal.min() >= 0 and cal.max() <= 1
-    task._calibration = ([0.0, 0.5, 1.0], [0.0, 0.8, 0.9])
+    task._calibrations = {"none": ([0.0, 0.5, 1.0], [0.0, 0.8, 0.9]), "sersic": ()}
     assert np.allclose(task.calibrate(raw), [0.0, 0.016, 0.48, 0.9])
-    task._calibration = ()
+    # refined masks have their own calibration; without one in the card, the network's is used
+    assert np.allclose(task.calibrate(raw, refined=True), [0.0, 0.016, 0.48, 0.9])
+    task._calibrations["sersic"] = ([0.0, 1.0], [0.0, 0.5])
+    assert np.allclose(task.calibrate(raw, refined=True), raw / 2)
+    assert np.allclose(task.calibrate(raw), [0.0, 0.016, 0.48, 0.9])       # this task does not refine
+    refining = DeblendTask({"device": "cpu"})                                # refine='sersic', the default
+    refining.network_sha256()
+    refining._calibrations = dict(task._calibrations)
+    assert np.allclose(refining.calibrate(raw), raw / 2)
+    assert refining.fingerprint()["uncertainty_calibration"] == [[0.0, 1.0], [0.0, 0.5]]
+    task._calibrations = {"none": (), "sersic": ()}
     assert np.array_equal(task.calibrate(raw), raw)
 
 
@@ -276,7 +286,7 @@ def test_companion_shift_moves_pixels_to_the_companion_only():
     _, image = galaxies((128, 128), pair, seed=3)
     npix = []
     for shift in (0.0, 4.0, 8.0):
-        _, out = run_stages(image, companion_shift=shift, find_peaks=False)
+        _, out = run_stages(image, companion_shift=shift, find_peaks=False, refine="none")   # the network's masks
         seg = out.maps["segmentation"]
         a, b = label_at(seg, pair[0][0], pair[0][1]), label_at(seg, pair[1][0], pair[1][1])
         assert a > 0 and b > 0 and a != b

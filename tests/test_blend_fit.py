@@ -1,0 +1,143 @@
+"""Sersic refinement of deblending masks (models/blend_fit.py) and the deblend stage's refine='sersic'."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deepmosaic.models import profile_fit as pf
+from deepmosaic.models.blend_fit import fit_blend, fit_window, refine_masks
+from deepmosaic.models.datasets import ownership_masks
+from deepmosaic.pipeline.errors import ConfigError
+from deepmosaic.tasks.deblend_task import FLAG_REFINED, DeblendTask
+
+S, FWHM, BETA = 64, 3.5, 3.0
+#: (flux, x, y, hlr, n, q, angle) of a central and a fainter companion 2.3 PSF FWHM away
+PAIR = [(3000.0, 31.0, 32.0, 4.0, 1.5, 0.7, 20.0), (800.0, 39.0, 32.5, 2.5, 1.0, 0.8, 100.0)]
+
+
+def pair_scene(seed=0, members=PAIR):
+    r = pf.ProfileRenderer(S, FWHM, BETA)
+    light = np.stack([r.sersic(*m) for m in members])
+    noise = np.random.default_rng(seed).standard_normal((S, S))
+    return light, light.sum(0) + noise
+
+
+def iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+def rough_masks(truth):
+    """A network-like start: each truth mask eroded by one pixel (outlines too tight)."""
+    from scipy import ndimage
+    return np.stack([ndimage.binary_erosion(t) for t in truth])
+
+
+def test_fit_recovers_a_sersic_pair_and_its_truth_masks():
+    light, image = pair_scene()
+    truth = ownership_masks(light) > 0.5
+    start = rough_masks(truth)
+    peaks = np.array([[m[2], m[1]] for m in PAIR])
+    masks, fit = refine_masks(image, start, peaks, FWHM, BETA)
+    assert fit.success and fit.accepted
+    assert 0.8 < fit.chi2_red < 1.2
+    for k, m in enumerate(PAIR):
+        p = fit.params[k]
+        assert abs(p["x"] - m[1]) < 0.2 and abs(p["y"] - m[2]) < 0.2
+        assert abs(p["r_half"] / m[3] - 1) < 0.1 and abs(p["flux"] / m[0] - 1) < 0.1
+    for k in range(2):
+        assert iou(truth[k], masks[k]) > 0.9
+        assert iou(truth[k], masks[k]) > iou(truth[k], start[k]) + 0.05   # the start was worse
+    assert not (masks[0] & masks[1]).any()
+
+
+def test_a_companion_the_network_left_empty_gets_its_pixels():
+    light, image = pair_scene(seed=1)
+    truth = ownership_masks(light) > 0.5
+    start = rough_masks(truth)
+    start[0] |= start[1]            # the network gave the companion's pixels to the central
+    start[1] = False
+    peaks = np.array([[m[2], m[1]] for m in PAIR])
+    masks, fit = refine_masks(image, start, peaks, FWHM, BETA)
+    assert fit.accepted
+    assert iou(truth[1], masks[1]) > 0.8 and iou(truth[0], masks[0]) > 0.9
+
+
+def test_a_fit_that_does_not_describe_the_data_keeps_the_network_masks():
+    light, image = pair_scene(seed=2)
+    yy, xx = np.mgrid[:S, :S]
+    image = image + 60.0 * np.exp(-((yy - 26.0) ** 2 + (xx - 27.0) ** 2) / 2.0)   # a bright knot: not Sersic
+    truth = ownership_masks(light) > 0.5
+    start = rough_masks(truth)
+    peaks = np.array([[m[2], m[1]] for m in PAIR])
+    masks, fit = refine_masks(image, start, peaks, FWHM, BETA)
+    assert fit.success and not fit.accepted and fit.chi2_red > 1.5
+    assert np.array_equal(masks, start)
+    # a looser test accepts the same fit
+    assert fit_blend(image, start, peaks, FWHM, BETA, chi2_sigma=1e6).accepted
+
+
+def test_masked_pixels_are_not_fitted():
+    light, image = pair_scene(seed=3)
+    truth = ownership_masks(light) > 0.5
+    peaks = np.array([[m[2], m[1]] for m in PAIR])
+    bad = np.zeros((S, S), bool)
+    bad[10:20, 30:40] = True                      # garbage in a masked block on the central's wing
+    spoiled = np.where(bad, 500.0, image)
+    assert not fit_blend(spoiled, rough_masks(truth), peaks, FWHM, BETA).accepted
+    masks, fit = refine_masks(spoiled, rough_masks(truth), peaks, FWHM, BETA, weight=~bad)
+    assert fit.accepted and iou(truth[0], masks[0]) > 0.9
+
+
+def test_fit_window_holds_masks_and_peaks_inside_the_stamp():
+    masks = np.zeros((2, 96, 96), bool)
+    masks[0, 40:50, 40:52] = True
+    peaks = np.array([[45.0, 45.0], [44.0, 60.0]])
+    y0, x0, size = fit_window(masks, peaks, pad=8)
+    assert y0 <= 40 - 8 and x0 <= 40 - 8 and y0 + size >= 50 + 8 and x0 + size >= 60 + 8
+    assert 0 <= y0 and 0 <= x0 and y0 + size <= 96 and x0 + size <= 96
+    y0, x0, size = fit_window(masks, np.array([[2.0, 2.0], [90.0, 93.0]]), pad=8)
+    assert (y0, x0, size) == (0, 0, 96)           # clipped to the stamp
+
+
+def test_stage_refine_setting():
+    with pytest.raises(ConfigError, match="refine"):
+        DeblendTask({"refine": "scarlet"})
+    with pytest.raises(ConfigError, match="psf_fwhm"):
+        DeblendTask({"refine": "sersic", "psf_fwhm": 0.1})
+    assert DeblendTask({}).config.refine == "sersic"                    # the default
+    assert DeblendTask({}).fingerprint() != DeblendTask({"refine": "none"}).fingerprint()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stage_refine_moves_the_outlines_towards_the_truth(seed):
+    """A Sersic pair 2.6 PSF FWHM apart that sep splits: with refine='sersic' the stage's masks are closer to the
+    truth convention than the network's, and the stage's contract (one label per member) holds."""
+    from test_deblend_stage import run_stages
+    r = pf.ProfileRenderer(128, FWHM, BETA)
+    members = [(4000.0, 63.0, 64.0, 4.0, 1.5, 0.7, 20.0), (2000.0, 72.0, 64.5, 2.5, 1.0, 0.8, 100.0)]
+    light = np.stack([r.sersic(*m) for m in members])
+    image = (light.sum(0) + np.random.default_rng(seed).standard_normal((128, 128))).astype(np.float32)
+    truth = ownership_masks(light) > 0.5
+    scores = {}
+    for name, cfg in (("plain", {"refine": "none"}), ("refined", {"psf_fwhm": FWHM, "psf_beta": BETA})):
+        sep_out, out = run_stages(image, **cfg)
+        assert len(sep_out.catalog["x"]) == 2
+        seg = out.maps["segmentation"]
+        labels = [int(np.bincount(seg[t & (seg > 0)]).argmax()) for t in truth]
+        assert sorted(labels) == [1, 2], name
+        refined_flag = (out.catalog["flags"] & FLAG_REFINED) > 0
+        assert refined_flag.tolist() == ([True, True] if name == "refined" else [False, False])
+        scores[name] = [iou(t, seg == lab) for t, lab in zip(truth, labels)]
+    assert min(scores["refined"]) > 0.9 and np.mean(scores["refined"]) > np.mean(scores["plain"]) + 0.05, scores
+
+
+def test_blends_of_more_members_than_refine_max_members_keep_the_network_masks():
+    from test_deblend_stage import TRIPLE, galaxies, run_stages
+    with pytest.raises(ConfigError, match="refine_max_members"):
+        DeblendTask({"refine_max_members": 1})
+    _, image = galaxies((128, 128), TRIPLE, seed=5)
+    _, out = run_stages(image)                            # refine_max_members=2: a triple is not refined
+    _, plain = run_stages(image, refine="none")
+    triple = out.catalog["n_children"] == 3
+    assert triple.sum() == 3 and not (out.catalog["flags"][triple] & FLAG_REFINED).any()
+    assert np.array_equal(out.maps["segmentation"], plain.maps["segmentation"])
