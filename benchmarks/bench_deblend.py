@@ -171,35 +171,37 @@ def run_stamps(batch: dict, deblend_task, detect_peaks: bool = False) -> dict:
     return res
 
 
-def refine_batch(batch: dict, masks: np.ndarray, prob: np.ndarray, task) -> tuple[np.ndarray, np.ndarray]:
+def refine_batch(batch: dict, masks: np.ndarray, prob: np.ndarray, task):
     """Every stamp's masks refined as the stage's ``refine='sersic'`` does (its settings), each with its own
-    PSF (the network is told the true centres; the fit is told the true PSF), and the flux-sharing weights
-    (the fitted models' shares where a fit is kept, else the network's probabilities)."""
+    PSF (the network is told the true centres; the fit is told the true PSF), the flux-sharing weights
+    (the fitted models' shares where a fit is kept, else the network's probabilities) and which fits were
+    kept: ``(masks, shares, kept [n])``."""
     from deepmosaic.models.blend_fit import model_shares, refine_masks
     cfg = task.config
-    out, shares = np.empty_like(masks), prob.copy()
+    out, shares, kept = np.empty_like(masks), prob.copy(), np.zeros(len(masks), bool)
     for i in range(len(masks)):
         out[i], fit = refine_masks(batch["image"][i, 0], masks[i], batch["peaks"][i], float(batch["psf_fwhm"][i]),
                                    float(batch["psf_beta"][i]), chi2_sigma=cfg.refine_chi2_sigma,
                                    max_nfev=cfg.refine_max_nfev, oversample=cfg.refine_oversample)
         if fit.accepted:
-            shares[i] = model_shares(fit.models)
-    return out, shares
+            shares[i], kept[i] = model_shares(fit.models), True
+    return out, shares, kept
 
 
 def network_masks(batch: dict, model, n_samples: int = 8, flips: bool = False, refine_task=None):
-    """``(masks, prob, raw uncertainty)`` of the network told the true centres; with ``refine_task`` the masks
-    refined by its Sersic fit and ``prob`` the flux-sharing weights (:func:`refine_batch`), the uncertainty
-    measured against the refined masks."""
+    """``(masks, prob, raw uncertainty, kept)`` of the network told the true centres; with ``refine_task`` the
+    masks refined by its Sersic fit and ``prob`` the flux-sharing weights (:func:`refine_batch`), the
+    uncertainty measured against the refined masks, ``kept`` the stamps whose fit was kept (none without)."""
     import torch
 
     from deepmosaic.models.train import DeblendRecipe
     x = torch.from_numpy(DeblendRecipe.stamp_inputs(batch["image"], batch["peaks"]))
     prob, samples = DeblendRecipe.sample_probs(model, x, n_samples, flips=flips)
     masks = DeblendRecipe.masks_from_probs(prob)
+    kept = np.zeros(len(masks), bool)
     if refine_task is not None:
-        masks, prob = refine_batch(batch, masks, prob, refine_task)
-    return masks, prob, DeblendRecipe.error_probability(samples, masks)
+        masks, prob, kept = refine_batch(batch, masks, prob, refine_task)
+    return masks, prob, DeblendRecipe.error_probability(samples, masks), kept
 
 
 def run_network(batch: dict, model, task, n_samples: int = 8, flips: bool = False, refine: bool = False) -> dict:
@@ -207,8 +209,9 @@ def run_network(batch: dict, model, task, n_samples: int = 8, flips: bool = Fals
     labels, uncertainty and the stage's shared fluxes (with wings) per stamp."""
     from deepmosaic.models.train import DeblendRecipe
     t0 = time.perf_counter()
-    masks, prob, unc = network_masks(batch, model, n_samples, flips, task if refine else None)
-    unc = task.calibrate(unc, refined=refine)   # as the stage does (identity without a calibration in the card)
+    masks, prob, unc, kept = network_masks(batch, model, n_samples, flips, task if refine else None)
+    # as the stage does: refined stamps through the refined masks' calibration, the others the network's
+    unc = np.where(kept[:, None, None], task.calibrate(unc, refined=True), task.calibrate(unc, refined=False))
     seconds = time.perf_counter() - t0
     truth = batch["masks"] > 0.5
     iou, _ = DeblendRecipe.object_ious(truth, masks)
@@ -323,8 +326,10 @@ def calibrate(weights: str, n: int = 384, min_pixels: int = 50, refine_task=None
     recipe = RECIPES["deblend"](None)
     model = load_model(weights)
     batch = recipe.batch("val", 0, n)
-    masks, _, unc = network_masks(batch, model, 8, refine_task=refine_task)
+    masks, _, unc, kept = network_masks(batch, model, 8, refine_task=refine_task)
     truth = batch["masks"] > 0.5
+    if refine_task is not None:                  # the refined masks' calibration: the stamps whose fit was kept
+        masks, unc, truth = masks[kept], unc[kept], truth[kept]
     lab_t = np.where(truth[:, 0], 1, np.where(truth[:, 1], 2, 0))
     lab_p = np.where(masks[:, 0], 1, np.where(masks[:, 1], 2, 0))
     wrong, u = (lab_t != lab_p).ravel(), unc.ravel()
@@ -337,7 +342,8 @@ def calibrate(weights: str, n: int = 384, min_pixels: int = 50, refine_task=None
     raw = np.concatenate([[0.0], mean_u[ok], [1.0]])
     cal = np.maximum.accumulate(rate[ok])
     cal = np.concatenate([[0.0], cal, [cal[-1]]])
-    against = "the Sersic-refined masks" if refine_task is not None else "the network's masks"
+    against = (f"the Sersic-refined masks ({len(masks)} stamps whose fit was kept)" if refine_task is not None
+               else "the network's masks")
     out = {"raw": [round(float(a), 6) for a in raw], "calibrated": [round(float(b), 6) for b in cal],
            "fit": f"observed pixel error rate of {against} per bin of the raw error probability (8 prior draws) "
                   f"on {n} 'val' stamps (seed 0), bins with >= {min_pixels} px, made non-decreasing; applied by "

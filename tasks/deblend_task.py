@@ -435,7 +435,8 @@ class DeblendTask(ModelTask):
     def calibration(self, refined: bool | None = None) -> tuple:
         """``(raw, calibrated)`` of the card for the network's masks (``uncertainty_calibration``) or, with
         ``refined`` (default: ``refine='sersic'``), for the Sersic-refined masks
-        (``uncertainty_calibration_sersic``, the network's when the card has none); ``()`` without one."""
+        (``uncertainty_calibration_sersic``, the network's when the card has none); ``()`` without one. The stage
+        passes ``refined`` per blend: a blend whose fit was not kept has the network's masks."""
         self.network_sha256()
         refined = self.config.refine == "sersic" if refined is None else refined
         return (refined and self._calibrations["sersic"]) or self._calibrations["none"]
@@ -588,12 +589,14 @@ class DeblendTask(ModelTask):
                         p[k, oy_:oy_ + s, ox_:ox_ + s] = prob[i, 0]
                         sp[:, k, oy_:oy_ + s, ox_:ox_ + s] = samples[:, i, 0]
                 masks = DeblendRecipe.masks_from_probs(p)
+                refined = False
                 if cfg.refine == "sersic" and len(rows) <= cfg.refine_max_members:
                     masks, shares = self._refine(norm, tile.mask, masks, (fy0, fx0), peaks[rows])
                     if shares is not None:                   # the fit was kept: its models share the light
-                        p = shares
+                        p, refined = shares, True
                         flags[rows] |= FLAG_REFINED
-                err = self.calibrate(DeblendRecipe.error_probability(sp[:, None], masks[None])[0])
+                # the calibration of the masks this blend got: refined ones, or the network's own
+                err = self.calibrate(DeblendRecipe.error_probability(sp[:, None], masks[None])[0], refined=refined)
                 self._paste(rows, masks, p, err, (fy0, fx0), seg, data, rms2, new_seg, parent, unc,
                             x, y, flux, flux_err, npix, flags, peaks)
 

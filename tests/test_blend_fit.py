@@ -141,3 +141,5 @@ def test_blends_of_more_members_than_refine_max_members_keep_the_network_masks()
     triple = out.catalog["n_children"] == 3
     assert triple.sum() == 3 and not (out.catalog["flags"][triple] & FLAG_REFINED).any()
     assert np.array_equal(out.maps["segmentation"], plain.maps["segmentation"])
+    # an unrefined blend's uncertainty goes through the network's calibration, not the refined masks' one
+    assert np.array_equal(out.maps["uncertainty"], plain.maps["uncertainty"])
