@@ -93,8 +93,8 @@ def member_start(data: np.ndarray, mask: np.ndarray, peak, psf_fwhm: float) -> d
 
 
 def fit_blend(data: np.ndarray, masks: np.ndarray, peaks: np.ndarray, psf_fwhm: float, psf_beta: float, *,
-              weight: np.ndarray | None = None, pad: int = 8, position_bound: float = 3.0, max_nfev: int = 200, oversample: int = 3,
-              chi2_sigma: float = 3.0) -> BlendFit:
+              weight: np.ndarray | None = None, pad: int = 8, position_bound: float = 3.0, max_nfev: int = 200,
+              oversample: int = 3, chi2_sigma: float = 3.0) -> BlendFit:
     """Joint PSF-convolved Sersic fit of a blend's members (see the module doc).
 
     Parameters
@@ -177,8 +177,8 @@ def fit_blend(data: np.ndarray, masks: np.ndarray, peaks: np.ndarray, psf_fwhm: 
     models[(slice(None),) + win] = local_models
     owned = (local_models.max(0) > 1.0) & good
     n_pix = int(owned.sum())
-    resid = flat.reshape(d.shape) - local_models.sum(0)
-    chi2_red = float(np.mean(resid[owned] ** 2)) if n_pix else float("nan")
+    residual = d - local_models.sum(0)
+    chi2_red = float(np.mean(residual[owned] ** 2)) if n_pix else float("nan")
     params = []
     for j in range(k):
         v = res.x[7 * j:7 * j + 7]
