@@ -453,7 +453,8 @@ class DeblendTask(ModelTask):
         fp = super().fingerprint()
         fp["weights_sha256"] = self.network_sha256()
         fp["companion_shift"] = self.companion_shift()        # the card's value changes results too
-        fp["uncertainty_calibration"] = [list(v) for v in self.calibration()]
+        # both calibrations: a blend whose fit is not kept goes through the network's even when refining
+        fp["uncertainty_calibration"] = {mode: [list(v) for v in cal] for mode, cal in self._calibrations.items()}
         return fp
 
     # ---- planning ----------------------------------------------------------------------------------

@@ -219,7 +219,8 @@ def test_uncertainty_goes_through_the_cards_calibration():
     refining.network_sha256()
     refining._calibrations = dict(task._calibrations)
     assert np.allclose(refining.calibrate(raw), raw / 2)
-    assert refining.fingerprint()["uncertainty_calibration"] == [[0.0, 1.0], [0.0, 0.5]]
+    assert refining.fingerprint()["uncertainty_calibration"] == {"none": [[0.0, 0.5, 1.0], [0.0, 0.8, 0.9]],
+                                                                 "sersic": [[0.0, 1.0], [0.0, 0.5]]}
     task._calibrations = {"none": (), "sersic": ()}
     assert np.array_equal(task.calibrate(raw), raw)
 
