@@ -83,13 +83,8 @@ def member_start(data: np.ndarray, mask: np.ndarray, peak, psf_fwhm: float) -> d
     mxx = float((w * (xx - px) ** 2).sum() / tot)
     myy = float((w * (yy - py) ** 2).sum() / tot)
     mxy = float((w * (xx - px) * (yy - py)).sum() / tot)
-    t = max(mxx + myy - 2 * psf_var, 0.5)
-    e1, e2 = (mxx - myy) / max(mxx + myy, 1e-6), 2 * mxy / max(mxx + myy, 1e-6)
-    emag = math.hypot(e1, e2)
-    gmag = min(emag / (1 + math.sqrt(max(1 - emag * emag, 0.0))), 0.7) if emag > 0 else 0.0
-    g1, g2 = (gmag * e1 / emag, gmag * e2 / emag) if emag > 0 else (0.0, 0.0)
-    return {"flux": tot * 1.3, "x": px, "y": py, "hlr": float(np.clip(1.18 * math.sqrt(t / 2), 0.5, 30.0)),
-            "g1": g1, "g2": g2}
+    return {"flux": tot * 1.3, "x": px, "y": py,
+            **pf.moments_shape(mxx, myy, mxy, psf_fwhm, undo_psf_dilution=False)}
 
 
 def fit_blend(data: np.ndarray, masks: np.ndarray, peaks: np.ndarray, psf_fwhm: float, psf_beta: float, *,

@@ -175,15 +175,24 @@ def moments_start(data: np.ndarray, weight: np.ndarray, psf_fwhm: float) -> dict
     mxx = (w * (xx - x0) ** 2).sum() / tot
     myy = (w * (yy - y0) ** 2).sum() / tot
     mxy = (w * (xx - x0) * (yy - y0)).sum() / tot
+    return dict(flux=float(tot) * 1.3, x=float(x0), y=float(y0), **moments_shape(mxx, myy, mxy, psf_fwhm))
+
+
+def moments_shape(mxx: float, myy: float, mxy: float, psf_fwhm: float, undo_psf_dilution: bool = True) -> dict:
+    """Starting ``hlr`` (px, 0.5-30) and reduced shear ``g1``, ``g2`` from a galaxy's light-weighted second
+    moments (px^2) and the PSF's FWHM (px): the size from the moments minus the PSF's, the distortion turned
+    into a reduced shear (|g| <= 0.7), and with ``undo_psf_dilution`` the PSF's rounding of the shape undone
+    to first order."""
     psf_var = (psf_fwhm / 2.355) ** 2
     t = max(mxx + myy - 2 * psf_var, 0.5)
     e1, e2 = (mxx - myy) / max(mxx + myy, 1e-6), 2 * mxy / max(mxx + myy, 1e-6)
     emag = math.hypot(e1, e2)
-    # distortion -> reduced shear, and the PSF dilution of the shape undone to first order
-    gmag = min(emag / (1 + math.sqrt(max(1 - emag * emag, 0.0))) * (mxx + myy) / t, 0.7) if emag > 0 else 0.0
+    gmag = emag / (1 + math.sqrt(max(1 - emag * emag, 0.0)))
+    if undo_psf_dilution:
+        gmag = gmag * (mxx + myy) / t
+    gmag = min(gmag, 0.7) if emag > 0 else 0.0
     g1, g2 = (gmag * e1 / emag, gmag * e2 / emag) if emag > 0 else (0.0, 0.0)
-    return dict(flux=float(tot) * 1.3, x=float(x0), y=float(y0),
-                hlr=float(np.clip(1.18 * math.sqrt(t / 2), 0.5, 30.0)), g1=g1, g2=g2)
+    return dict(hlr=float(np.clip(1.18 * math.sqrt(t / 2), 0.5, 30.0)), g1=g1, g2=g2)
 
 
 # --------------------------------------------------------------------------------------------- fitting
