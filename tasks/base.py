@@ -121,6 +121,10 @@ class Task:
             config = from_mapping(self.Config, config or {}, where=self.name)
         self.config = config
 
+    def bind(self, before: list["Task"]) -> None:
+        """Called once the run's stages are known, with the stages that run before this one: a stage that uses
+        an optional upstream stage adds it to ``requires`` here. Nothing by default."""
+
     @property
     def halo(self) -> int:
         """Pixels of context this task needs around a core (from its config or receptive field)."""

@@ -8,12 +8,13 @@ compared on identical tiles:
        ``image / noise_sigma`` with no sky): ``(image - background) / rms`` with the pipeline's global
        background model; masked pixels (and pixels with a non-positive or non-finite rms) are set to 0,
        i.e. to the sky level.
-    2. Only the tile core plus ``margin`` px is computed (a clump blob whose centroid is in the core lies
-       within it; the stage's halo is the network's aligned halo plus that margin). That region, from its
-       start rounded down to a multiple of the network's ``stride_multiple`` in *mosaic* coordinates, is cut
-       into the fewest equal patches of at most ``patch`` px (stride multiples), each fed with the
-       network's aligned halo of context on every side (outside the window: zeros = sky), ``batch_size``
-       patches per forward call, optionally averaged over the 8 flips/rotations of the square
+    2. Only the tile core plus ``margin`` px is computed (more when a later stage reads the map over its
+       window: the deblend stage's clump test, :meth:`ClumpsTask.need_margin`; a clump blob whose centroid is
+       in the core lies within it; the stage's halo is the network's aligned halo plus that margin). That
+       region, from its start rounded down to a multiple of the network's ``stride_multiple`` in *mosaic*
+       coordinates, is cut into the fewest equal patches of at most ``patch`` px (stride multiples), each
+       fed with the network's aligned halo of context on every side (outside the window: zeros = sky),
+       ``batch_size`` patches per forward call, optionally averaged over the 8 flips/rotations of the square
        (``flip_average``). Because patch starts and the halo are stride multiples, every pixel sees exactly
        the same input and arithmetic whatever the tile size, window or patch size (the U-Net is local with
        ``norm='batch'`` in eval mode): the probability map is seamless across patches and tiles. Large
@@ -313,6 +314,18 @@ class ClumpsTask(ModelTask):
     def __init__(self, config=None):
         super().__init__(config)
         self._net = None  # {"halo", "stride", "local", "sha256", "base"}: plain values only (picklable)
+        #: a later stage that reads the probability map over its whole window (deblend's clump test) raises
+        #: the computed margin to its halo (:meth:`need_margin`); the core's results do not depend on it
+        self.min_margin = 0
+
+    def need_margin(self, px: int) -> None:
+        """Compute the probability over the tile core plus at least ``px`` (a downstream stage reads it there)."""
+        self.min_margin = max(self.min_margin, int(px))
+
+    @property
+    def margin(self) -> int:
+        """The computed margin (px, before rounding to the stride): ``margin`` or a downstream stage's need."""
+        return max(self.config.margin, self.min_margin)
 
     # ---- model card ------------------------------------------------------------------------------
     def network_info(self) -> dict:
@@ -334,7 +347,7 @@ class ClumpsTask(ModelTask):
     def halo(self) -> int:
         """The network's aligned halo plus the aligned ``margin``: the context the core + margin region needs."""
         info = self.network_info()
-        return info["halo"] + _roundup(self.config.margin, info["stride"])
+        return info["halo"] + _roundup(self.margin, info["stride"])
 
     def fingerprint(self) -> dict:
         fp = super().fingerprint()
@@ -421,7 +434,7 @@ class ClumpsTask(ModelTask):
         if not self.network_info()["local"]:
             notes.append("the network is not local (norm='group'): tiled probabilities depend on the tiling")
         H, W = shape
-        mg = _roundup(cfg.margin, self.network_info()["stride"])
+        mg = _roundup(self.margin, self.network_info()["stride"])
         cy, cx = tile.core
         region = (max(0, (cy.start or 0) - mg), min(H, (H if cy.stop is None else cy.stop) + mg),
                   max(0, (cx.start or 0) - mg), min(W, (W if cx.stop is None else cx.stop) + mg))

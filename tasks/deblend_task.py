@@ -7,7 +7,10 @@ What it does on one tile window
    joined transitively. An object in no group is *isolated* and keeps its sep footprint, position and
    AUTO flux unchanged.
 2. Every member's **peak** is the brightest pixel of its sep footprint in the normalised image
-   ``(image - background) / rms``.
+   ``(image - background) / rms``. Secondary peaks inside sep footprints (``find_peaks``, or the detect
+   stage's detections with ``peaks='detect'``) become members too, except, with ``clump_peaks='drop'`` and the
+   clumps stage before this one (:meth:`DeblendTask.bind`), those where its probability map reaches
+   ``clump_probability``: a clump of the galaxy, not a companion. sep's own objects are never dropped.
 3. **Stamps** of ``stamp`` x ``stamp`` px are cut from the normalised image. A pair is one stamp centred on
    the brighter peak, the network told where both peaks are (input channels, see
    :class:`~deepmosaic.models.train.DeblendRecipe`). A blend of more than two members is deblended
@@ -172,6 +175,14 @@ class DeblendConfig:
                                        "members).")
     refine_oversample: int = field(3, "With refine='sersic': sub-pixels per pixel (per axis) of the fit's "
                                       "renderer.")
+    clump_peaks: str = field("drop", "'drop': when the clumps stage runs before deblend (--stages sep,clumps,"
+                                     "deblend), a secondary peak the stage finds inside a galaxy's footprint "
+                                     "(find_peaks, or peaks='detect') where the clump probability reaches "
+                                     "clump_probability is a clump of that galaxy, not a blend member. sep's own "
+                                     "objects are never dropped. 'keep', or no clumps stage before it: peaks are "
+                                     "not tested.")
+    clump_probability: float = field(0.5, "With clump_peaks='drop': the clump probability (its maximum over the 3x3 "
+                                          "px around a peak) from which a secondary peak is a clump.")
     batch_size: int = field(32, "Stamps per forward call.")
     device: str = field("auto", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
 
@@ -200,6 +211,9 @@ class DeblendConfig:
         require(0 <= self.template_floor <= 1, w, "template_floor", self.template_floor, "must be in [0, 1].")
         require(0 <= self.flux_wings <= 32, w, "flux_wings", self.flux_wings, "must be in [0, 32] px.")
         require(self.batch_size >= 1, w, "batch_size", self.batch_size, "must be >= 1.")
+        require(self.clump_peaks in ("drop", "keep"), w, "clump_peaks", self.clump_peaks, "use 'drop' or 'keep'.")
+        require(math.isfinite(self.clump_probability) and 0 < self.clump_probability <= 1, w, "clump_probability",
+                self.clump_probability, "a probability in (0, 1], e.g. 0.5.")
         require(self.refine in ("none", "sersic"), w, "refine", self.refine, "use 'none' or 'sersic'.")
         require(math.isfinite(self.psf_fwhm) and 1.0 <= self.psf_fwhm <= 30.0, w, "psf_fwhm", self.psf_fwhm,
                 "the PSF FWHM in px, in [1, 30], e.g. 3.5.")
@@ -266,6 +280,18 @@ def find_blends(seg: np.ndarray, x: np.ndarray, y: np.ndarray, neighbour_distanc
     for g in groups:
         in_group[g] = True
     return groups, in_group & ~touching
+
+
+def clumps_at(prob: np.ndarray, peaks: np.ndarray, threshold: float) -> np.ndarray:
+    """bool [m]: whether the clump probability map ``prob`` reaches ``threshold`` within the 3x3 px around each
+    peak ``(y, x)`` (window px)."""
+    H, W = prob.shape
+    out = np.zeros(len(peaks), bool)
+    for i, (py, px) in enumerate(np.asarray(peaks, float).reshape(-1, 2)):
+        iy, ix = int(np.floor(py + 0.5)), int(np.floor(px + 0.5))
+        win = prob[max(iy - 1, 0):min(iy + 2, H), max(ix - 1, 0):min(ix + 2, W)]
+        out[i] = win.size > 0 and float(win.max()) >= threshold
+    return out
 
 
 def brightest_pixels(img: np.ndarray, seg: np.ndarray, n: int) -> np.ndarray:
@@ -405,8 +431,19 @@ class DeblendTask(ModelTask):
         if self.config.peaks == "detect":
             self.requires = ("sep", "detect")
         self._sha = None
+        self._clumps = False       # bind(): the clumps stage runs before this one and clump_peaks='drop'
         self._calibrations = {}    # refine mode -> (raw, calibrated) lists from the card, or () without one
         self._card_shift = 0.0
+
+    def bind(self, before) -> None:
+        """With ``clump_peaks='drop'`` and the clumps stage among ``before``: read its probability map (it is
+        then required, and asked to compute it over this stage's whole window, see
+        :meth:`ClumpsTask.need_margin`)."""
+        clumps = [t for t in before if isinstance(t, ClumpsTask)]
+        if self.config.clump_peaks == "drop" and clumps:
+            self._clumps = True
+            self.requires = tuple(dict.fromkeys((*self.requires, clumps[0].name)))
+            clumps[0].need_margin(self.halo)
 
     def network_sha256(self) -> str | None:
         if self._sha is None:
@@ -453,6 +490,7 @@ class DeblendTask(ModelTask):
         fp = super().fingerprint()
         fp["weights_sha256"] = self.network_sha256()
         fp["companion_shift"] = self.companion_shift()        # the card's value changes results too
+        fp["clumps_from"] = "clumps" if self._clumps else None  # whether clump peaks were tested
         # both calibrations: a blend whose fit is not kept goes through the network's even when refining
         fp["uncertainty_calibration"] = {mode: [list(v) for v in cal] for mode, cal in self._calibrations.items()}
         return fp
@@ -531,6 +569,11 @@ class DeblendTask(ModelTask):
                                                 cfg.peak_rel_dip)
         else:
             extra, extra_rows = np.zeros((0, 2)), []
+        if self._clumps and len(extra):      # a clump of the galaxy is not a member of a blend
+            cprob = tile.upstream["clumps"].maps.get("probability")
+            cprob = np.zeros(shape, np.float32) if cprob is None else np.asarray(cprob)
+            real = ~clumps_at(cprob, extra, cfg.clump_probability)
+            extra, extra_rows = extra[real], np.asarray(extra_rows)[real]
         m = len(extra)
         if m:
             group_of = {int(r): g for g, rows in enumerate(groups) for r in rows}

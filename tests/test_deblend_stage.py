@@ -311,3 +311,70 @@ def test_training_validation_skips_galaxies_with_an_empty_truth(monkeypatch):
     assert out["central_iou"] == 1.0
     assert out["companion_iou"] == 0.0            # not (0 + 1) / 2: the empty companion is not scored
     assert out["mean_iou"] == 0.5
+
+
+def _clump_output(shape, centres, radius=2.0):
+    """A clumps stage output (window px) whose probability map is 1 within ``radius`` of each centre."""
+    from deepmosaic.tasks.base import TaskOutput
+    yy, xx = np.indices(shape)
+    prob = np.zeros(shape, np.float32)
+    for y, x in centres:
+        prob[np.hypot(yy - y, xx - x) <= radius] = 1.0
+    return TaskOutput(maps={"probability": prob}, catalog={})
+
+
+def test_clumps_at_reads_the_3x3_maximum():
+    from deepmosaic.tasks.deblend_task import clumps_at
+    prob = np.zeros((20, 20), np.float32)
+    prob[5, 5] = 0.9
+    prob[0, 19] = 0.6
+    got = clumps_at(prob, np.array([[6.0, 6.0], [7.4, 7.0], [0.2, 18.6], [19.0, 0.0]]), 0.5)
+    assert got.tolist() == [True, False, True, False]
+    assert clumps_at(prob, np.zeros((0, 2)), 0.5).shape == (0,)
+
+
+def test_a_clumps_secondary_peak_is_no_blend_member():
+    """A second peak inside one sep footprint (the stage's peak finder makes it a member): where the clumps
+    stage's probability map calls it a clump, it is no member and the footprint passes through whole; without
+    clump probability there it is deblended as before (the map here is a stand-in: 1 near the given centres)."""
+    objs = [(48.0, 44.0, 5000.0, 3.0, 0.8, 20.0), (48.0, 52.0, 2500.0, 2.5, 0.7, 100.0)]   # 2 PSF FWHM apart
+    _, image = galaxies((96, 96), objs, seed=1)
+    ti = tile_of(image)
+    ti.upstream["sep"] = SepTask().run(ti)
+    assert len(ti.upstream["sep"].catalog["x"]) == 1, "sep must leave this pair as one object"
+    seg_sep = ti.upstream["sep"].maps["segmentation"]
+    clumps_task = get_task_class("clumps")({})
+    halo_before = clumps_task.halo
+    task = DeblendTask({"device": "cpu"})
+    task.bind([clumps_task])
+    assert task.requires == ("sep", "clumps") and task.fingerprint()["clumps_from"] == "clumps"
+    assert clumps_task.margin >= task.halo and clumps_task.halo > halo_before   # its map covers our window
+    # the companion's peak called a clump: one object, sep's footprint unchanged
+    ti.upstream["clumps"] = _clump_output(image.shape, [(48.0, 52.0)])
+    out = task.run(ti)
+    assert len(out.catalog["x"]) == 1 and np.array_equal(out.maps["segmentation"], seg_sep)
+    # no clump there: the pair is deblended as before
+    ti.upstream["clumps"] = _clump_output(image.shape, [(10.0, 80.0)])
+    out = task.run(ti)
+    seg = out.maps["segmentation"]
+    assert len(out.catalog["x"]) == 2 and sorted(label_at(seg, y, x) for y, x, *_ in objs) == [1, 2]
+    # 'keep' tests nothing: the clump's peak is a member again
+    keep = DeblendTask({"device": "cpu", "clump_peaks": "keep"})
+    keep.bind([clumps_task])
+    assert keep.requires == ("sep",) and keep.fingerprint()["clumps_from"] is None
+    ti.upstream["clumps"] = _clump_output(image.shape, [(48.0, 52.0)])
+    assert len(keep.run(ti).catalog["x"]) == 2
+    with pytest.raises(ConfigError, match="clump_peaks"):
+        DeblendTask({"clump_peaks": "merge"})
+    with pytest.raises(ConfigError, match="clump_probability"):
+        DeblendTask({"clump_probability": 0})
+
+
+def test_build_tasks_binds_deblend_to_an_earlier_clumps_stage():
+    from deepmosaic.workflows.api import build_tasks
+    sep, clumps, deblend = build_tasks(["sep", "clumps", "deblend"], {})
+    assert "clumps" in deblend.requires and clumps.margin >= deblend.halo
+    _, deblend_alone = build_tasks(["sep", "deblend"], {})
+    assert deblend_alone.requires == ("sep",)
+    _, deblend_first, clumps_after = build_tasks(["sep", "deblend", "clumps"], {})
+    assert deblend_first.requires == ("sep",) and clumps_after.margin == clumps_after.config.margin

@@ -33,7 +33,8 @@ def load_config_file(path: str | None) -> dict:
 
 
 def build_tasks(stages: Iterable[str], stage_params: Mapping[str, Mapping[str, Any]]):
-    """Instantiate the named stages with their parameters (unknown stages/keys are refused)."""
+    """Instantiate the named stages with their parameters (unknown stages/keys are refused), each bound to
+    the stages listed before it (:meth:`~deepmosaic.tasks.base.Task.bind`)."""
     from deepmosaic.tasks import get_task_class
     stages = [s.strip() for s in stages if s.strip()]
     if not stages:
@@ -43,7 +44,10 @@ def build_tasks(stages: Iterable[str], stage_params: Mapping[str, Mapping[str, A
             get_task_class(name)  # unknown stage names are refused with the valid ones
             raise ConfigError(f"parameters given for stage {name!r}, which is not in --stages "
                               f"{','.join(stages)}; add it to --stages or drop its settings.")
-    return [get_task_class(s)(dict(stage_params.get(s, {}))) for s in stages]
+    tasks = [get_task_class(s)(dict(stage_params.get(s, {}))) for s in stages]
+    for i, t in enumerate(tasks):
+        t.bind(tasks[:i])      # a stage may use (and set up) the stages that run before it
+    return tasks
 
 
 def resolve(stages=None, set_options=None, config=None, tile=None):
