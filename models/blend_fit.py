@@ -147,12 +147,16 @@ def fit_blend(data: np.ndarray, masks: np.ndarray, peaks: np.ndarray, psf_fwhm: 
 
     def jac(v):
         # forward differences as scipy's '2-point' takes them (step sqrt(eps) max(1, |v|), reversed at a
-        # bound), but a step of member j's parameters re-renders member j only: the others' light is unchanged
+        # bound), but a step of member j's parameters re-renders member j only: the others' light is unchanged;
+        # the flux, in which the light is linear, needs no render
         if "v" not in last or not np.array_equal(last["v"], v):
             resid(v)
         parts = last["parts"]
         J = np.empty((flat.size, v.size))
         for i in range(v.size):
+            if i % 7 == 0:          # a member's light is linear in its flux: d model / d flux = model / flux
+                J[:, i] = -parts[i // 7].ravel() * w / v[i]
+                continue
             step = _EPS * (1.0 if v[i] >= 0 else -1.0) * max(1.0, abs(v[i]))
             x1 = v[i] + step
             if x1 < lo[i] or x1 > hi[i]:

@@ -134,10 +134,18 @@ class ProfileRenderer:
         fx = (self.coords[ix - 1:ix + 2, None] + self._fine[None, :] / k - x0).reshape(-1)
         m = len(self._fine)
         for flux, hlr, n, q, angle in comps:
-            part = self._profile(dx, dy, hlr, n, q, angle)
+            # only the box holding the truncated profile (r <= TRUNC_HLR hlr reaches at most TRUNC_HLR hlr /
+            # sqrt(q) from the centre along either axis): the rest of the grid is exactly 0
+            reach = TRUNC_HLR * hlr / math.sqrt(q) + 1.0 / k
+            y_lo = min(int(np.searchsorted(self.coords, y0 - reach)), iy - 1)
+            y_hi = max(int(np.searchsorted(self.coords, y0 + reach, side="right")), iy + 2)
+            x_lo = min(int(np.searchsorted(self.coords, x0 - reach)), ix - 1)
+            x_hi = max(int(np.searchsorted(self.coords, x0 + reach, side="right")), ix + 2)
+            part = self._profile(dx[:, x_lo:x_hi], dy[y_lo:y_hi, :], hlr, n, q, angle)
             fine = self._profile(fx[None, :], fy[:, None], hlr, n, q, angle)
-            part[iy - 1:iy + 2, ix - 1:ix + 2] = fine.reshape(3, m, 3, m).mean(axis=(1, 3))
-            img += flux * part
+            cy, cx = iy - y_lo, ix - x_lo
+            part[cy - 1:cy + 2, cx - 1:cx + 2] = fine.reshape(3, m, 3, m).mean(axis=(1, 3))
+            img[y_lo:y_hi, x_lo:x_hi] += flux * part
         return img / (k * k)
 
     def render(self, x0: float, y0: float, comps) -> np.ndarray:

@@ -264,3 +264,29 @@ def test_a_network_with_a_stem_runs_seamlessly_in_the_stage(scene, tmp_path):
     ref = task.probability(x, (70, 75))
     small = ClumpsTask({"weights": str(base), "patch": 24, "batch_size": 3}).probability(x, (70, 75))
     assert np.abs(small - ref).max() < 1e-5
+
+
+def test_a_raised_margin_gives_the_untiled_map_over_the_whole_margin():
+    """need_margin (the deblend stage's clump test) widens the computed region: a tile's window then holds
+    the same probabilities as the untiled map over its core plus that margin, so two tiles that see one
+    blend read the same clump probabilities; with the default margin the map stops near the core."""
+    image, _ = render_scene(size=352)
+    whole = ClumpsTask().run(tile_input(image)).maps["probability"]
+    task = ClumpsTask()
+    task.need_margin(64)
+    assert task.margin == 64 and task.halo == task.network_info()["halo"] + 64
+    y0 = x0 = 16                                  # window [16, 336) around the core [128, 224), all inside
+    core, h = 96, task.halo
+    win = image[y0:y0 + core + 2 * h, x0:x0 + core + 2 * h]
+    assert win.shape == (core + 2 * h,) * 2
+    ti = tile_input(win.copy())
+    ti.origin, ti.core = (y0, x0), (slice(h, h + core), slice(h, h + core))
+    prob = task.run(ti).maps["probability"]
+    lo, hi = h - 64, h + core + 64                  # core +- 64 in window px
+    ref = whole[y0 + lo:y0 + hi, x0 + lo:x0 + hi]
+    assert ref.max() > 0.5                          # the disk's clumps are in this region
+    assert np.abs(prob[lo:hi, lo:hi] - ref).max() < 1e-4
+    default = ClumpsTask()
+    ti.core = (slice(h, h + core), slice(h, h + core))
+    narrow = default.run(ti).maps["probability"]
+    assert not np.allclose(narrow[lo:hi, lo:hi], ref, atol=1e-4)
