@@ -175,6 +175,9 @@ class DeblendConfig:
                                        "members).")
     refine_oversample: int = field(3, "With refine='sersic': sub-pixels per pixel (per axis) of the fit's "
                                       "renderer.")
+    refine_neighbour_grow: int = field(2, "With refine='sersic': the fit leaves out the sep footprints of objects "
+                                          "that are not members of the blend, grown by this many px (their light "
+                                          "is no member's); -1: they are fitted as sky.")
     clump_peaks: str = field("drop", "'drop': when the clumps stage runs before deblend (--stages sep,clumps,"
                                      "deblend), a secondary peak the stage finds inside a galaxy's footprint "
                                      "(find_peaks, or peaks='detect') where the clump probability reaches "
@@ -227,6 +230,8 @@ class DeblendConfig:
                 self.refine_max_members, "an integer >= 2, e.g. 2 (pairs only).")
         require(isinstance(self.refine_oversample, int) and 1 <= self.refine_oversample <= 5, w, "refine_oversample",
                 self.refine_oversample, "an integer in [1, 5], e.g. 3.")
+        require(isinstance(self.refine_neighbour_grow, int) and -1 <= self.refine_neighbour_grow <= 16, w,
+                "refine_neighbour_grow", self.refine_neighbour_grow, "an integer number of px in [-1, 16], e.g. 2.")
         require(self.companion_shift is None or (math.isfinite(self.companion_shift)
                                                   and abs(self.companion_shift) <= 20), w, "companion_shift",
                 self.companion_shift, "use a number of logits in [-20, 20], or none for the model card's value.")
@@ -635,7 +640,7 @@ class DeblendTask(ModelTask):
                 masks = DeblendRecipe.masks_from_probs(p)
                 refined = False
                 if cfg.refine == "sersic" and len(rows) <= cfg.refine_max_members:
-                    masks, shares = self._refine(norm, tile.mask, masks, (fy0, fx0), peaks[rows])
+                    masks, shares = self._refine(norm, tile.mask, masks, (fy0, fx0), peaks[rows], seg, rows)
                     if shares is not None:                   # the fit was kept: its models share the light
                         p, refined = shares, True
                         flags[rows] |= FLAG_REFINED
@@ -661,10 +666,12 @@ class DeblendTask(ModelTask):
         out.catalog = {k: v[keep] for k, v in cols.items()}
         return out
 
-    def _refine(self, norm, mask, masks, frame0, peaks):
+    def _refine(self, norm, mask, masks, frame0, peaks, seg, rows):
         """``refine='sersic'``: the blend's masks from a joint Sersic fit of its members
-        (:func:`deepmosaic.models.blend_fit.refine_masks`) on the frame's normalised pixels (masked pixels and
-        pixels outside the window are not fitted); the network's ``masks`` where the fit is not kept. Returns
+        (:func:`deepmosaic.models.blend_fit.refine_masks`) on the frame's normalised pixels (masked pixels,
+        pixels outside the window and, with ``refine_neighbour_grow`` >= 0, the grown sep footprints ``seg`` of
+        objects other than the members ``rows`` are not fitted); the network's ``masks`` where the fit is not
+        kept. Returns
         ``(masks, shares)``: ``shares`` the fitted models' light-sharing weights
         (:func:`~deepmosaic.models.blend_fit.model_shares`), None when the fit is not kept."""
         from deepmosaic.models.blend_fit import model_shares, refine_masks
@@ -673,6 +680,13 @@ class DeblendTask(ModelTask):
         fy0, fx0 = frame0
         d = cut_frame(norm, fy0, fx0, H, W)
         good = cut_frame(~np.asarray(mask, bool), fy0, fx0, H, W)
+        if cfg.refine_neighbour_grow >= 0:
+            fseg = cut_frame(seg, fy0, fx0, H, W)
+            own = np.isin(fseg, np.asarray(rows, np.int64) + 1)
+            other = (fseg > 0) & ~own
+            if cfg.refine_neighbour_grow > 0 and other.any():
+                other = ndimage.binary_dilation(other, iterations=cfg.refine_neighbour_grow) & ~own
+            good &= ~other
         refined, fit = refine_masks(d, masks, np.asarray(peaks, float) - np.array([fy0, fx0], float), cfg.psf_fwhm,
                                     cfg.psf_beta, weight=good, chi2_sigma=cfg.refine_chi2_sigma,
                                     max_nfev=cfg.refine_max_nfev, oversample=cfg.refine_oversample)

@@ -143,3 +143,30 @@ def test_blends_of_more_members_than_refine_max_members_keep_the_network_masks()
     assert np.array_equal(out.maps["segmentation"], plain.maps["segmentation"])
     # an unrefined blend's uncertainty goes through the network's calibration, not the refined masks' one
     assert np.array_equal(out.maps["uncertainty"], plain.maps["uncertainty"])
+
+
+def test_stage_fit_leaves_out_other_objects_footprints():
+    """A bright galaxy that is no member of the pair but lies in its fit window: fitted as sky it spoils the
+    fit (not kept); with its grown sep footprint left out (refine_neighbour_grow, the default) the fit is kept
+    and the pair is flagged refined."""
+    from deepmosaic.models.profile_fit import ProfileRenderer
+    from deepmosaic.tasks.base import TileInput
+    from deepmosaic.tasks.deblend_task import FLAG_REFINED, DeblendTask
+    from deepmosaic.tasks.sep_task import SepTask
+    r = ProfileRenderer(160, 3.5, 3.0)
+    light = (r.sersic(4000.0, 70.0, 80.0, 4.0, 1.5, 0.7, 20.0) + r.sersic(2000.0, 79.0, 80.5, 2.5, 1.0, 0.8, 100.0)
+             + r.sersic(6000.0, 100.0, 102.0, 3.0, 2.5, 0.6, 60.0))       # the neighbour, ~30 px away
+    image = (light + np.random.default_rng(3).standard_normal(light.shape)).astype(np.float32)
+    ti = TileInput(image=image, background=np.zeros_like(image), rms=np.ones_like(image), global_rms=1.0,
+                   mask=np.zeros(image.shape, bool), variance=None, origin=(0, 0),
+                   core=(slice(0, 160), slice(0, 160)))
+    ti.upstream["sep"] = SepTask().run(ti)
+    flags = {}
+    for grow in (-1, 2):
+        out = DeblendTask({"device": "cpu", "refine_neighbour_grow": grow, "neighbour_distance": 0}).run(ti)
+        cat = out.catalog
+        pair = [int(out.maps["segmentation"][80, 70]) - 1, int(out.maps["segmentation"][80, 79]) - 1]
+        assert min(pair) >= 0 and pair[0] != pair[1]
+        assert cat["n_children"][pair].tolist() == [2, 2]
+        flags[grow] = (cat["flags"][pair] & FLAG_REFINED) > 0
+    assert flags[2].all() and not flags[-1].any()
