@@ -23,7 +23,7 @@ What it does on one tile window
    empty keeps its sep footprint (flag ``empty_mask``). Blends with more than ``max_members`` members or a
    footprint that does not fit in a stamp are skipped: their members keep their sep footprints (flag
    ``skipped``).
-   **Refinement** (``refine='sersic'``, blends of at most ``refine_max_members`` members, pairs by default):
+   **Refinement** (``refine='sersic'``, blends of at most ``refine_max_members`` members, 3 by default):
    the blend's masks are then re-drawn from a joint PSF-convolved
    Sersic fit of its members (:mod:`deepmosaic.models.blend_fit`: one profile per member, started from the
    network's masks at the peaks, PSF ``psf_fwhm`` / ``psf_beta``): a pixel goes to the member whose fitted
@@ -170,9 +170,9 @@ class DeblendConfig:
     refine_chi2_sigma: float = field(3.0, "With refine='sersic': a fit is kept when its reduced chi-square over the "
                                           "members' pixels is <= 1 + this x sqrt(2 / pixels).")
     refine_max_nfev: int = field(200, "With refine='sersic': the fit's budget of model evaluations.")
-    refine_max_members: int = field(2, "With refine='sersic': blends of more members keep the network's masks (the "
-                                       "refinement was validated on pairs; its cost grows with the square of the "
-                                       "members).")
+    refine_max_members: int = field(3, "With refine='sersic': blends of more members keep the network's masks (the "
+                                       "refinement was validated on pairs and triples; its cost grows with the "
+                                       "square of the members).")
     refine_oversample: int = field(3, "With refine='sersic': sub-pixels per pixel (per axis) of the fit's "
                                       "renderer.")
     refine_neighbour_grow: int = field(2, "With refine='sersic': the fit leaves out the sep footprints of objects "
@@ -227,7 +227,7 @@ class DeblendConfig:
         require(isinstance(self.refine_max_nfev, int) and 20 <= self.refine_max_nfev <= 5000, w, "refine_max_nfev",
                 self.refine_max_nfev, "an integer in [20, 5000], e.g. 200.")
         require(isinstance(self.refine_max_members, int) and self.refine_max_members >= 2, w, "refine_max_members",
-                self.refine_max_members, "an integer >= 2, e.g. 2 (pairs only).")
+                self.refine_max_members, "an integer >= 2, e.g. 3 (pairs and triples).")
         require(isinstance(self.refine_oversample, int) and 1 <= self.refine_oversample <= 5, w, "refine_oversample",
                 self.refine_oversample, "an integer in [1, 5], e.g. 3.")
         require(isinstance(self.refine_neighbour_grow, int) and -1 <= self.refine_neighbour_grow <= 16, w,

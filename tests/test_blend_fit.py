@@ -136,13 +136,19 @@ def test_blends_of_more_members_than_refine_max_members_keep_the_network_masks()
     with pytest.raises(ConfigError, match="refine_max_members"):
         DeblendTask({"refine_max_members": 1})
     _, image = galaxies((128, 128), TRIPLE, seed=5)
-    _, out = run_stages(image)                            # refine_max_members=2: a triple is not refined
+    _, out = run_stages(image, refine_max_members=2)      # a triple is not refined
     _, plain = run_stages(image, refine="none")
     triple = out.catalog["n_children"] == 3
     assert triple.sum() == 3 and not (out.catalog["flags"][triple] & FLAG_REFINED).any()
     assert np.array_equal(out.maps["segmentation"], plain.maps["segmentation"])
     # an unrefined blend's uncertainty goes through the network's calibration, not the refined masks' one
     assert np.array_equal(out.maps["uncertainty"], plain.maps["uncertainty"])
+    # by default (3) the triple is fitted: its three galaxies keep their own labels, now from the fit
+    _, fitted = run_stages(image)
+    triple = fitted.catalog["n_children"] == 3
+    assert triple.sum() == 3 and (fitted.catalog["flags"][triple] & FLAG_REFINED).all()
+    labels = {int(fitted.maps["segmentation"][int(y), int(x)]) for y, x, *_ in TRIPLE}
+    assert len(labels) == 3 and 0 not in labels
 
 
 def test_stage_fit_leaves_out_other_objects_footprints():
