@@ -671,8 +671,7 @@ class DeblendTask(ModelTask):
         (:func:`deepmosaic.models.blend_fit.refine_masks`) on the frame's normalised pixels (masked pixels,
         pixels outside the window and, with ``refine_neighbour_grow`` >= 0, the grown sep footprints ``seg`` of
         objects other than the members ``rows`` are not fitted); the network's ``masks`` where the fit is not
-        kept. Returns
-        ``(masks, shares)``: ``shares`` the fitted models' light-sharing weights
+        kept. Returns ``(masks, shares)``: ``shares`` the fitted models' light-sharing weights
         (:func:`~deepmosaic.models.blend_fit.model_shares`), None when the fit is not kept."""
         from deepmosaic.models.blend_fit import model_shares, refine_masks
         cfg = self.config
