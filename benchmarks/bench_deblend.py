@@ -177,12 +177,10 @@ def refine_batch(batch: dict, masks: np.ndarray, prob: np.ndarray, task):
     (the fitted models' shares where a fit is kept, else the network's probabilities) and which fits were
     kept: ``(masks, shares, kept [n])``."""
     from deepmosaic.models.blend_fit import model_shares, refine_masks
-    cfg = task.config
     out, shares, kept = np.empty_like(masks), prob.copy(), np.zeros(len(masks), bool)
     for i in range(len(masks)):
         out[i], fit = refine_masks(batch["image"][i, 0], masks[i], batch["peaks"][i], float(batch["psf_fwhm"][i]),
-                                   float(batch["psf_beta"][i]), chi2_sigma=cfg.refine_chi2_sigma,
-                                   max_nfev=cfg.refine_max_nfev, oversample=cfg.refine_oversample)
+                                   float(batch["psf_beta"][i]), **task.fit_options())
         if fit.accepted:
             shares[i], kept[i] = model_shares(fit.models), True
     return out, shares, kept

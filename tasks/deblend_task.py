@@ -436,7 +436,6 @@ class DeblendTask(ModelTask):
         if self.config.peaks == "detect":
             self.requires = ("sep", "detect")
         self._sha = None
-        self._clumps = False       # bind(): the clumps stage runs before this one and clump_peaks='drop'
         self._calibrations = {}    # refine mode -> (raw, calibrated) lists from the card, or () without one
         self._card_shift = 0.0
 
@@ -446,9 +445,20 @@ class DeblendTask(ModelTask):
         :meth:`ClumpsTask.need_margin`)."""
         clumps = [t for t in before if isinstance(t, ClumpsTask)]
         if self.config.clump_peaks == "drop" and clumps:
-            self._clumps = True
             self.requires = tuple(dict.fromkeys((*self.requires, clumps[0].name)))
             clumps[0].need_margin(self.halo)
+
+    @property
+    def tests_clumps(self) -> bool:
+        """Whether secondary peaks are tested against the clumps stage's map (bound to it by :meth:`bind`)."""
+        return "clumps" in self.requires
+
+    def fit_options(self) -> dict:
+        """The settings of :func:`deepmosaic.models.blend_fit.fit_blend` that ``refine_*`` gives (for the stage
+        and for benchmarks that refine masks as the stage does)."""
+        cfg = self.config
+        return {"chi2_sigma": cfg.refine_chi2_sigma, "max_nfev": cfg.refine_max_nfev,
+                "oversample": cfg.refine_oversample}
 
     def network_sha256(self) -> str | None:
         if self._sha is None:
@@ -495,7 +505,7 @@ class DeblendTask(ModelTask):
         fp = super().fingerprint()
         fp["weights_sha256"] = self.network_sha256()
         fp["companion_shift"] = self.companion_shift()        # the card's value changes results too
-        fp["clumps_from"] = "clumps" if self._clumps else None  # whether clump peaks were tested
+        fp["clumps_from"] = "clumps" if self.tests_clumps else None  # whether clump peaks were tested
         # both calibrations: a blend whose fit is not kept goes through the network's even when refining
         fp["uncertainty_calibration"] = {mode: [list(v) for v in cal] for mode, cal in self._calibrations.items()}
         return fp
@@ -574,10 +584,8 @@ class DeblendTask(ModelTask):
                                                 cfg.peak_rel_dip)
         else:
             extra, extra_rows = np.zeros((0, 2)), []
-        if self._clumps and len(extra):      # a clump of the galaxy is not a member of a blend
-            cprob = tile.upstream["clumps"].maps.get("probability")
-            cprob = np.zeros(shape, np.float32) if cprob is None else np.asarray(cprob)
-            real = ~clumps_at(cprob, extra, cfg.clump_probability)
+        if self.tests_clumps and len(extra):      # a clump of the galaxy is not a member of a blend
+            real = ~clumps_at(np.asarray(tile.upstream["clumps"].maps["probability"]), extra, cfg.clump_probability)
             extra, extra_rows = extra[real], np.asarray(extra_rows)[real]
         m = len(extra)
         if m:
@@ -687,8 +695,7 @@ class DeblendTask(ModelTask):
                 other = ndimage.binary_dilation(other, iterations=cfg.refine_neighbour_grow) & ~own
             good &= ~other
         refined, fit = refine_masks(d, masks, np.asarray(peaks, float) - np.array([fy0, fx0], float), cfg.psf_fwhm,
-                                    cfg.psf_beta, weight=good, chi2_sigma=cfg.refine_chi2_sigma,
-                                    max_nfev=cfg.refine_max_nfev, oversample=cfg.refine_oversample)
+                                    cfg.psf_beta, weight=good, **self.fit_options())
         return refined, (model_shares(fit.models) if fit.accepted else None)
 
     def _share_flux(self, probs, allowed, d, rms2, flux, flux_err, centres, report=None):

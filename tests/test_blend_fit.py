@@ -155,17 +155,14 @@ def test_stage_fit_leaves_out_other_objects_footprints():
     """A bright galaxy that is no member of the pair but lies in its fit window: fitted as sky it spoils the
     fit (not kept); with its grown sep footprint left out (refine_neighbour_grow, the default) the fit is kept
     and the pair is flagged refined."""
-    from deepmosaic.models.profile_fit import ProfileRenderer
-    from deepmosaic.tasks.base import TileInput
-    from deepmosaic.tasks.deblend_task import FLAG_REFINED, DeblendTask
+    from test_deblend_stage import tile_of
+
     from deepmosaic.tasks.sep_task import SepTask
-    r = ProfileRenderer(160, 3.5, 3.0)
+    r = pf.ProfileRenderer(160, 3.5, 3.0)
     light = (r.sersic(4000.0, 70.0, 80.0, 4.0, 1.5, 0.7, 20.0) + r.sersic(2000.0, 79.0, 80.5, 2.5, 1.0, 0.8, 100.0)
              + r.sersic(6000.0, 100.0, 102.0, 3.0, 2.5, 0.6, 60.0))       # the neighbour, ~30 px away
     image = (light + np.random.default_rng(3).standard_normal(light.shape)).astype(np.float32)
-    ti = TileInput(image=image, background=np.zeros_like(image), rms=np.ones_like(image), global_rms=1.0,
-                   mask=np.zeros(image.shape, bool), variance=None, origin=(0, 0),
-                   core=(slice(0, 160), slice(0, 160)))
+    ti = tile_of(image)
     ti.upstream["sep"] = SepTask().run(ti)
     flags = {}
     for grow in (-1, 2):
