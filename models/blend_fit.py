@@ -20,6 +20,10 @@ only the stepped member, bounds) over a square
 window holding every member's network mask and peak plus ``pad`` px; per member ``(flux, x, y, log hlr,
 log n, g1, g2)`` with the renderer of :mod:`deepmosaic.models.profile_fit` (the simulator's truncated
 Sersic, a truncated Moffat PSF, pixel-integrated); centres within ``position_bound`` px of the peaks.
+Optional priors (``prior_n``, ``prior_g``) add the terms ``(parameter - mean) / sigma`` to the residuals, which
+makes the fit a maximum a posteriori estimate: a faint or close companion's Sersic index and shape are
+barely constrained by its pixels and, without them, run to their bounds (on validation pairs a fifth of the
+companions' indices ended at 0.3 and a tenth at 6.2), which changes the outlines the masks are drawn from.
 """
 from __future__ import annotations
 
@@ -89,7 +93,8 @@ def member_start(data: np.ndarray, mask: np.ndarray, peak, psf_fwhm: float) -> d
 
 def fit_blend(data: np.ndarray, masks: np.ndarray, peaks: np.ndarray, psf_fwhm: float, psf_beta: float, *,
               weight: np.ndarray | None = None, pad: int = 8, position_bound: float = 3.0, max_nfev: int = 200,
-              oversample: int = 3, chi2_sigma: float = 3.0) -> BlendFit:
+              oversample: int = 3, chi2_sigma: float = 3.0, prior_n: tuple[float, float] | None = None,
+              prior_g: float | None = None) -> BlendFit:
     """Joint PSF-convolved Sersic fit of a blend's members (see the module doc).
 
     Parameters
@@ -104,6 +109,11 @@ def fit_blend(data: np.ndarray, masks: np.ndarray, peaks: np.ndarray, psf_fwhm: 
         Moffat PSF, FWHM in px.
     weight : bool [H, W], optional
         Pixels to fit (False: masked, outside the image); all by default.
+    prior_n : (float, float), optional
+        ``(median, sigma of ln n)``: a log-normal prior on every member's Sersic index (a maximum a
+        posteriori fit); none by default.
+    prior_g : float, optional
+        Sigma of a zero-mean Gaussian prior on each shear component ``g1, g2``; none by default.
 
     Returns
     -------
@@ -139,11 +149,21 @@ def fit_blend(data: np.ndarray, masks: np.ndarray, peaks: np.ndarray, psf_fwhm: 
 
     flat, w = d.ravel(), good.ravel().astype(np.float64)
     last = {}
+    # prior terms: extra residuals (v[i] - mu) / sigma after the pixels' (a MAP fit for unit-variance noise)
+    p_idx, p_mu, p_sig = [], [], []
+    for j in range(k):
+        if prior_n is not None:
+            p_idx.append(7 * j + 4), p_mu.append(math.log(prior_n[0])), p_sig.append(prior_n[1])
+        if prior_g is not None:
+            p_idx += [7 * j + 5, 7 * j + 6]
+            p_mu += [0.0, 0.0]
+            p_sig += [prior_g, prior_g]
+    p_idx, p_mu, p_sig = np.array(p_idx, int), np.array(p_mu), np.array(p_sig)
 
     def resid(v):
         parts = [member(v, j) for j in range(k)]
         last["v"], last["parts"] = v.copy(), parts
-        return (flat - sum(parts).ravel()) * w
+        return np.concatenate([(flat - sum(parts).ravel()) * w, (v[p_idx] - p_mu) / p_sig])
 
     def jac(v):
         # forward differences as scipy's '2-point' takes them (step sqrt(eps) max(1, |v|), reversed at a
@@ -152,10 +172,11 @@ def fit_blend(data: np.ndarray, masks: np.ndarray, peaks: np.ndarray, psf_fwhm: 
         if "v" not in last or not np.array_equal(last["v"], v):
             resid(v)
         parts = last["parts"]
-        J = np.empty((flat.size, v.size))
+        J = np.zeros((flat.size + p_idx.size, v.size))
+        J[flat.size + np.arange(p_idx.size), p_idx] = 1.0 / p_sig
         for i in range(v.size):
             if i % 7 == 0:          # a member's light is linear in its flux: d model / d flux = model / flux
-                J[:, i] = -parts[i // 7].ravel() * w / v[i]
+                J[:flat.size, i] = -parts[i // 7].ravel() * w / v[i]
                 continue
             step = _EPS * (1.0 if v[i] >= 0 else -1.0) * max(1.0, abs(v[i]))
             x1 = v[i] + step
@@ -163,7 +184,7 @@ def fit_blend(data: np.ndarray, masks: np.ndarray, peaks: np.ndarray, psf_fwhm: 
                 x1 = v[i] - step
             v1 = v.copy()
             v1[i] = x1
-            J[:, i] = (parts[i // 7] - member(v1, i // 7)).ravel() * w / (x1 - v[i])
+            J[:flat.size, i] = (parts[i // 7] - member(v1, i // 7)).ravel() * w / (x1 - v[i])
         return J
 
     models = np.zeros((k,) + data.shape)

@@ -26,7 +26,9 @@ What it does on one tile window
    **Refinement** (``refine='sersic'``, blends of at most ``refine_max_members`` members, 3 by default):
    the blend's masks are then re-drawn from a joint PSF-convolved
    Sersic fit of its members (:mod:`deepmosaic.models.blend_fit`: one profile per member, started from the
-   network's masks at the peaks, PSF ``psf_fwhm`` / ``psf_beta``): a pixel goes to the member whose fitted
+   network's masks at the peaks, PSF ``psf_fwhm`` / ``psf_beta``; a maximum a posteriori fit with a
+   log-normal prior on the Sersic index and a Gaussian one on the shape, ``refine_prior_n`` /
+   ``refine_prior_g``): a pixel goes to the member whose fitted
    light is largest there, where it exceeds 1 sigma, the truth convention applied to the models. A fit is
    kept only if its residuals pass a chi-square test over the members' pixels (``refine_chi2_sigma``);
    otherwise (a galaxy a Sersic profile does not describe) the network's masks stay. The fit sees the same
@@ -178,6 +180,12 @@ class DeblendConfig:
     refine_neighbour_grow: int = field(2, "With refine='sersic': the fit leaves out the sep footprints of objects "
                                           "that are not members of the blend, grown by this many px (their light "
                                           "is no member's); -1: they are fitted as sky.")
+    refine_prior_n: tuple[float, float] = field((2.0, 0.7), "With refine='sersic': a log-normal prior on every "
+                                                 "member's Sersic index, (median, sigma of ln n); the fit maximises "
+                                                 "the posterior (a faint or close companion's index is otherwise "
+                                                 "barely constrained and runs to its bounds). Sigma 0: no prior.")
+    refine_prior_g: float = field(0.3, "With refine='sersic': sigma of a zero-mean Gaussian prior on each member's "
+                                       "shear components g1, g2 (the spread of galaxy ellipticities); 0: no prior.")
     clump_peaks: str = field("drop", "'drop': when the clumps stage runs before deblend (--stages sep,clumps,"
                                      "deblend), a secondary peak the stage finds inside a galaxy's footprint "
                                      "(find_peaks, or peaks='detect') where the clump probability reaches "
@@ -232,6 +240,12 @@ class DeblendConfig:
                 self.refine_oversample, "an integer in [1, 5], e.g. 3.")
         require(isinstance(self.refine_neighbour_grow, int) and -1 <= self.refine_neighbour_grow <= 16, w,
                 "refine_neighbour_grow", self.refine_neighbour_grow, "an integer number of px in [-1, 16], e.g. 2.")
+        med, sig = self.refine_prior_n
+        require(math.isfinite(med) and 0.3 <= med <= 6.2 and math.isfinite(sig) and 0 <= sig <= 10, w,
+                "refine_prior_n", self.refine_prior_n,
+                "(median n in [0.3, 6.2], sigma of ln n in [0, 10]; 0: no prior), e.g. (2, 0.7).")
+        require(math.isfinite(self.refine_prior_g) and 0 <= self.refine_prior_g <= 10, w, "refine_prior_g",
+                self.refine_prior_g, "a sigma in [0, 10] (0: no prior), e.g. 0.3.")
         require(self.companion_shift is None or (math.isfinite(self.companion_shift)
                                                   and abs(self.companion_shift) <= 20), w, "companion_shift",
                 self.companion_shift, "use a number of logits in [-20, 20], or none for the model card's value.")
@@ -458,7 +472,9 @@ class DeblendTask(ModelTask):
         and for benchmarks that refine masks as the stage does)."""
         cfg = self.config
         return {"chi2_sigma": cfg.refine_chi2_sigma, "max_nfev": cfg.refine_max_nfev,
-                "oversample": cfg.refine_oversample}
+                "oversample": cfg.refine_oversample,
+                "prior_n": tuple(cfg.refine_prior_n) if cfg.refine_prior_n[1] > 0 else None,
+                "prior_g": cfg.refine_prior_g or None}
 
     def network_sha256(self) -> str | None:
         if self._sha is None:

@@ -99,6 +99,35 @@ def test_fit_window_holds_masks_and_peaks_inside_the_stamp():
     assert (y0, x0, size) == (0, 0, 96)           # clipped to the stamp
 
 
+def test_priors_pull_an_unconstrained_index_and_shape_and_leave_a_constrained_pair_alone():
+    """The MAP fit's prior terms act with their stated sign and weight: a very tight prior pins the faint
+    companion's index and shape at the prior's centre; the stage's default priors (weak against the central's
+    thousands of pixels) leave the bright central's fitted index and radius where the data put them."""
+    light, image = pair_scene(seed=2)
+    start = rough_masks(ownership_masks(light) > 0.5)
+    peaks = np.array([[m[2], m[1]] for m in PAIR])
+    free = fit_blend(image, start, peaks, FWHM, BETA)
+    pinned = fit_blend(image, start, peaks, FWHM, BETA, prior_n=(3.0, 1e-3), prior_g=1e-3)
+    assert abs(free.params[1]["sersic_n"] / 3.0 - 1) > 0.2                 # the data alone say otherwise
+    for k in range(2):
+        assert abs(pinned.params[k]["sersic_n"] / 3.0 - 1) < 0.01
+        assert pinned.params[k]["q"] > 0.99                                 # g = 0: round
+    opts = DeblendTask({}).fit_options()
+    assert opts["prior_n"] == (2.0, 0.7) and opts["prior_g"] == 0.3         # the stage's defaults
+    weak = fit_blend(image, start, peaks, FWHM, BETA, prior_n=opts["prior_n"], prior_g=opts["prior_g"])
+    assert weak.accepted
+    for key in ("sersic_n", "r_half"):
+        assert abs(weak.params[0][key] / free.params[0][key] - 1) < 0.02, key
+    off = DeblendTask({"refine_prior_n": [2.0, 0.0], "refine_prior_g": 0}).fit_options()
+    assert off["prior_n"] is None and off["prior_g"] is None
+    assert DeblendTask({}).fingerprint() != DeblendTask({"refine_prior_g": 0}).fingerprint()
+    for bad in ({"refine_prior_n": [0.1, 0.7]}, {"refine_prior_n": [2.0, -1.0]}):
+        with pytest.raises(ConfigError, match="refine_prior_n"):
+            DeblendTask(bad)
+    with pytest.raises(ConfigError, match="refine_prior_g"):
+        DeblendTask({"refine_prior_g": float("nan")})
+
+
 def test_stage_refine_setting():
     with pytest.raises(ConfigError, match="refine"):
         DeblendTask({"refine": "scarlet"})
