@@ -29,9 +29,9 @@ What it does on one tile window
    network's masks at the peaks, PSF ``psf_fwhm`` / ``psf_beta``; a maximum a posteriori fit with a
    log-normal prior on the Sersic index and a Gaussian one on the shape, ``refine_prior_n`` /
    ``refine_prior_g``): a pixel goes to the member whose fitted
-   light is largest there, where it exceeds 1 sigma, the truth convention applied to the models. A fit is
-   kept only if its residuals pass a chi-square test over the members' pixels (``refine_chi2_sigma``);
-   otherwise (a galaxy a Sersic profile does not describe) the network's masks stay. The fit sees the same
+   light is largest there, where it exceeds 1 sigma, the truth convention applied to the models. Every fit
+   that converges is kept (with ``refine_chi2_sigma`` set, only those whose residuals pass a chi-square test
+   over the members' pixels; the others keep the network's masks). The fit sees the same
    pixels in every window that holds the whole blend, so both sides of a seam get the same masks.
 5. **Uncertainty**: per pixel, the probability that the pixel's label (sky, or which member) is wrong,
    averaged over ``n_samples`` latent draws of the probabilistic U-Net's prior
@@ -169,8 +169,11 @@ class DeblendConfig:
     psf_fwhm: float = field(3.5, "With refine='sersic': the Moffat PSF's FWHM in px (the simulator's 0.7\" at "
                                  "0.2\"/px); set it to the survey's.")
     psf_beta: float = field(3.0, "With refine='sersic': the Moffat PSF's beta.")
-    refine_chi2_sigma: float = field(3.0, "With refine='sersic': a fit is kept when its reduced chi-square over the "
-                                          "members' pixels is <= 1 + this x sqrt(2 / pixels).")
+    refine_chi2_sigma: float | None = field(None, "With refine='sersic': None (the default) keeps every fit that "
+                                                  "converges; a number keeps a fit only when its reduced chi-square "
+                                                  "over the members' pixels is <= 1 + this x sqrt(2 / pixels) (e.g. "
+                                                  "3: galaxies a Sersic profile does not describe keep the "
+                                                  "network's masks, which on simulated fields are the worse ones).")
     refine_max_nfev: int = field(200, "With refine='sersic': the fit's budget of model evaluations.")
     refine_max_members: int = field(3, "With refine='sersic': blends of more members keep the network's masks (the "
                                        "refinement was validated on pairs and triples; its cost grows with the "
@@ -230,8 +233,9 @@ class DeblendConfig:
                 "the PSF FWHM in px, in [1, 30], e.g. 3.5.")
         require(math.isfinite(self.psf_beta) and 1.5 <= self.psf_beta <= 20.0, w, "psf_beta", self.psf_beta,
                 "the Moffat beta, in [1.5, 20], e.g. 3.")
-        require(math.isfinite(self.refine_chi2_sigma) and self.refine_chi2_sigma > 0, w, "refine_chi2_sigma",
-                self.refine_chi2_sigma, "must be > 0, e.g. 3.")
+        require(self.refine_chi2_sigma is None or (math.isfinite(self.refine_chi2_sigma)
+                                                    and self.refine_chi2_sigma > 0), w, "refine_chi2_sigma",
+                self.refine_chi2_sigma, "a number > 0, e.g. 3, or none to keep every converged fit.")
         require(isinstance(self.refine_max_nfev, int) and 20 <= self.refine_max_nfev <= 5000, w, "refine_max_nfev",
                 self.refine_max_nfev, "an integer in [20, 5000], e.g. 200.")
         require(isinstance(self.refine_max_members, int) and self.refine_max_members >= 2, w, "refine_max_members",

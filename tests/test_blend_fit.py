@@ -74,6 +74,7 @@ def test_a_fit_that_does_not_describe_the_data_keeps_the_network_masks():
     assert np.array_equal(masks, start)
     # a looser test accepts the same fit
     assert fit_blend(image, start, peaks, FWHM, BETA, chi2_sigma=1e6).accepted
+    assert fit_blend(image, start, peaks, FWHM, BETA, chi2_sigma=None).accepted   # no test: kept
 
 
 def test_masked_pixels_are_not_fitted():
@@ -135,6 +136,12 @@ def test_stage_refine_setting():
         DeblendTask({"refine": "sersic", "psf_fwhm": 0.1})
     assert DeblendTask({}).config.refine == "sersic"                    # the default
     assert DeblendTask({}).fingerprint() != DeblendTask({"refine": "none"}).fingerprint()
+    # the chi-square test is off by default (every converged fit is kept) and can be switched on
+    assert DeblendTask({}).fit_options()["chi2_sigma"] is None
+    assert DeblendTask({"refine_chi2_sigma": 3}).fit_options()["chi2_sigma"] == 3.0
+    assert DeblendTask({}).fingerprint() != DeblendTask({"refine_chi2_sigma": 3}).fingerprint()
+    with pytest.raises(ConfigError, match="refine_chi2_sigma"):
+        DeblendTask({"refine_chi2_sigma": 0})
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -182,8 +189,8 @@ def test_blends_of_more_members_than_refine_max_members_keep_the_network_masks()
 
 def test_stage_fit_leaves_out_other_objects_footprints():
     """A bright galaxy that is no member of the pair but lies in its fit window: fitted as sky it spoils the
-    fit (not kept); with its grown sep footprint left out (refine_neighbour_grow, the default) the fit is kept
-    and the pair is flagged refined."""
+    fit (it fails the chi-square test, refine_chi2_sigma=3); with its grown sep footprint left out
+    (refine_neighbour_grow, the default) the fit passes and the pair is flagged refined."""
     from test_deblend_stage import tile_of
 
     from deepmosaic.tasks.sep_task import SepTask
@@ -195,7 +202,8 @@ def test_stage_fit_leaves_out_other_objects_footprints():
     ti.upstream["sep"] = SepTask().run(ti)
     flags = {}
     for grow in (-1, 2):
-        out = DeblendTask({"device": "cpu", "refine_neighbour_grow": grow, "neighbour_distance": 0}).run(ti)
+        out = DeblendTask({"device": "cpu", "refine_neighbour_grow": grow, "neighbour_distance": 0,
+                           "refine_chi2_sigma": 3.0}).run(ti)
         cat = out.catalog
         pair = [int(out.maps["segmentation"][80, 70]) - 1, int(out.maps["segmentation"][80, 79]) - 1]
         assert min(pair) >= 0 and pair[0] != pair[1]
