@@ -111,6 +111,9 @@ def fit_blend(data: np.ndarray, masks: np.ndarray, peaks: np.ndarray, psf_fwhm: 
         Moffat PSF, FWHM in px.
     weight : bool [H, W], optional
         Pixels to fit (False: masked, outside the image); all by default.
+    chi2_sigma : float or None
+        Keep the fit only if it passes the chi-square test at this many sigmas (module doc); None keeps every
+        fit that converges.
     prior_n : (float, float), optional
         ``(median, sigma of ln n)``: a log-normal prior on every member's Sersic index (a maximum a
         posteriori fit); none by default.
@@ -120,7 +123,7 @@ def fit_blend(data: np.ndarray, masks: np.ndarray, peaks: np.ndarray, psf_fwhm: 
     Returns
     -------
     BlendFit with the members' models on the stamp's frame (0 outside the fit window); ``accepted`` says
-    whether the chi-square test passed.
+    whether the fit is kept (it converged, owns pixels and, with ``chi2_sigma``, passed the chi-square test).
     """
     data = np.asarray(data, np.float64)
     masks = np.asarray(masks, bool)
@@ -155,7 +158,9 @@ def fit_blend(data: np.ndarray, masks: np.ndarray, peaks: np.ndarray, psf_fwhm: 
     p_idx, p_mu, p_sig = [], [], []
     for j in range(k):
         if prior_n is not None:
-            p_idx.append(7 * j + 4), p_mu.append(math.log(prior_n[0])), p_sig.append(prior_n[1])
+            p_idx.append(7 * j + 4)
+            p_mu.append(math.log(prior_n[0]))
+            p_sig.append(prior_n[1])
         if prior_g is not None:
             p_idx += [7 * j + 5, 7 * j + 6]
             p_mu += [0.0, 0.0]
