@@ -463,13 +463,13 @@ class DeblendTask(ModelTask):
         :meth:`ClumpsTask.need_margin`)."""
         clumps = [t for t in before if isinstance(t, ClumpsTask)]
         if self.config.clump_peaks == "drop" and clumps:
-            self.requires = tuple(dict.fromkeys((*self.requires, clumps[0].name)))
+            self.requires = tuple(dict.fromkeys((*self.requires, ClumpsTask.name)))
             clumps[0].need_margin(self.halo)
 
     @property
     def tests_clumps(self) -> bool:
         """Whether secondary peaks are tested against the clumps stage's map (bound to it by :meth:`bind`)."""
-        return "clumps" in self.requires
+        return ClumpsTask.name in self.requires
 
     def fit_options(self) -> dict:
         """The settings of :func:`deepmosaic.models.blend_fit.fit_blend` that ``refine_*`` gives (for the stage
@@ -525,7 +525,7 @@ class DeblendTask(ModelTask):
         fp = super().fingerprint()
         fp["weights_sha256"] = self.network_sha256()
         fp["companion_shift"] = self.companion_shift()        # the card's value changes results too
-        fp["clumps_from"] = "clumps" if self.tests_clumps else None  # whether clump peaks were tested
+        fp["clumps_from"] = ClumpsTask.name if self.tests_clumps else None  # whether clump peaks were tested
         # both calibrations: a blend whose fit is not kept goes through the network's even when refining
         fp["uncertainty_calibration"] = {mode: [list(v) for v in cal] for mode, cal in self._calibrations.items()}
         return fp
@@ -605,7 +605,8 @@ class DeblendTask(ModelTask):
         else:
             extra, extra_rows = np.zeros((0, 2)), []
         if self.tests_clumps and len(extra):      # a clump of the galaxy is not a member of a blend
-            real = ~clumps_at(np.asarray(tile.upstream["clumps"].maps["probability"]), extra, cfg.clump_probability)
+            prob = np.asarray(tile.upstream[ClumpsTask.name].maps["probability"])
+            real = ~clumps_at(prob, extra, cfg.clump_probability)
             extra, extra_rows = extra[real], np.asarray(extra_rows)[real]
         m = len(extra)
         if m:
